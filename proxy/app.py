@@ -1,0 +1,261 @@
+"""build_app(config) -> web.Application: routes, the chain, and the lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy import upstream
+from proxy.chain import BuildContext, build_middlewares, compose
+from proxy.config import LoadedConfig
+from proxy.errors import ProxyError, bad_request, not_found
+from proxy.exchange import Exchange, Handler
+from proxy.observability import access_log, clean_request_id
+
+log = logging.getLogger("chat_proxy")
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs, swapped whole on reload."""
+
+    config: LoadedConfig
+    upstreams: upstream.Upstreams
+    handler: Handler
+    ctx: BuildContext
+    middleware_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class State:
+    runtime: Runtime
+    draining: bool = False
+    in_flight: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+STATE = web.AppKey("chat_proxy_state", State)
+
+_CHAT_PATHS = {"/v1/chat/completions", "/chat/completions"}
+_MODELS_PATHS = {"/v1/models", "/models"}
+
+
+def classify(method: str, path: str) -> tuple[str, str | None, str]:
+    """(route, scope, upstream path) for a request, or raise 404/405."""
+    if path in _CHAT_PATHS:
+        if method != "POST":
+            raise ProxyError(405, f"Method {method} is not allowed on {path}; use POST.", code="method_not_allowed")
+        return "chat", "chat", "/chat/completions"
+    if path in _MODELS_PATHS:
+        if method != "GET":
+            raise ProxyError(405, f"Method {method} is not allowed on {path}; use GET.", code="method_not_allowed")
+        return "models", "models", "/models"
+    if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
+        scope = "sessions:write" if method == "DELETE" else "sessions:read"
+        return "sessions", scope, path
+    if path.startswith("/v1/"):
+        return "passthrough", "chat", path[3:]
+    raise not_found(f"Unknown path {path}.")
+
+
+def _terminal(runtime_ref: list[Runtime]) -> Handler:
+    async def terminal(ex: Exchange) -> web.StreamResponse:
+        rt = runtime_ref[0]
+        if ex.route == "models":
+            return await upstream.list_models(ex, rt.upstreams)
+        if ex.route == "sessions":
+            api = rt.ctx.services.get("sessions_api")
+            if api is None:
+                raise not_found("Sessions are not enabled on this proxy.")
+            response: web.StreamResponse = await api(ex)
+            return response
+        return await upstream.handle(ex, rt.upstreams, ex.log.pop("_path"))
+
+    return terminal
+
+
+async def build_runtime(config: LoadedConfig, store: Any = None) -> Runtime:
+    """Build the chain and the upstreams for a configuration (not yet started)."""
+    ctx = BuildContext(config=config, store=store)
+    middlewares = build_middlewares(ctx)
+    ref: list[Runtime] = []
+    handler = compose(middlewares, _terminal(ref))
+    ups = upstream.Upstreams(config.upstreams)
+    ups.keepalive = config.server.keepalive_seconds
+    rt = Runtime(config=config, upstreams=ups, handler=handler, ctx=ctx, middleware_names=[n for n, _ in middlewares])
+    ref.append(rt)
+    return rt
+
+
+async def start_runtime(rt: Runtime) -> None:
+    await rt.upstreams.start()
+    for hook in rt.ctx.startup:
+        await hook()
+
+
+async def stop_runtime(rt: Runtime) -> None:
+    for hook in reversed(rt.ctx.shutdown):
+        try:
+            await hook()
+        except Exception:
+            log.exception("shutdown hook failed")
+    await rt.upstreams.close()
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad_request(
+            "We could not parse the JSON body of your request. Send a valid JSON object.",
+            code="invalid_json",
+        ) from None
+
+
+async def entry(request: web.Request) -> web.StreamResponse:
+    """Every proxied request: parse once, run the chain, map errors, log one line."""
+    state = request.app[STATE]
+    rt = state.runtime
+    rid = clean_request_id(request.headers.get("X-Request-Id"))
+    ex = Exchange(request=request, route="", scope=None, request_id=rid)
+    ex.response_headers["X-Request-Id"] = rid
+    state.in_flight += 1
+    response: web.StreamResponse | None = None
+    try:
+        ex.route, ex.scope, path = classify(request.method, request.path)
+        ex.log["_path"] = path
+        if request.method in ("POST", "PUT", "PATCH"):
+            raw = await _read_body(request, rt.config.server.max_body_bytes)
+            ex.raw_body = raw
+            ctype = request.content_type
+            if ex.route == "chat" or (ctype == "application/json" and raw):
+                doc = _parse_json(raw)
+                if not isinstance(doc, dict):
+                    raise bad_request("The request body must be a JSON object.", code="invalid_json")
+                ex.body = doc
+                model = doc.get("model")
+                ex.requested_model = model if isinstance(model, str) else None
+        response = await rt.handler(ex)
+        if not ex.status:
+            ex.status = response.status
+        return response
+    except ProxyError as err:
+        ex.status = err.status
+        ex.error = err.code or err.type
+        response = err.response(ex.response_headers)
+        return response
+    except asyncio.CancelledError:
+        ex.status = ex.status or 499
+        ex.error = "client_disconnected"
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": rid})
+        ex.status = 500
+        ex.error = "internal"
+        err = ProxyError(500, "The proxy failed to handle this request.", code="internal_error")
+        response = err.response({"X-Request-Id": rid})
+        return response
+    finally:
+        state.in_flight -= 1
+        _access(ex)
+
+
+def _access(ex: Exchange) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "request_id": ex.request_id,
+        "method": ex.request.method,
+        "path": ex.request.path,
+        "status": ex.status,
+        "key_id": ex.identity.id if ex.identity is not None and not ex.identity.anonymous else None,
+        "model": ex.model,
+        "requested_model": ex.requested_model,
+        "stream": ex.stream,
+        "latency_ms": round(ex.elapsed_ms(), 2),
+        "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
+        "upstream": ex.upstream,
+        "attempts": ex.attempts,
+    }
+    if ex.session_id:
+        fields["session_id"] = ex.session_id
+    if ex.error:
+        fields["error"] = ex.error
+    for k, v in ex.log.items():
+        if not k.startswith("_"):
+            fields[k] = v
+    access_log.info("request", extra=fields)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    rt = state.runtime
+    ups = rt.upstreams.states()
+    store_state = "none"
+    store = rt.ctx.store
+    if store is not None:
+        try:
+            store_state = "ok" if await asyncio.wait_for(store.ping(), 2) else "down"
+        except Exception:
+            store_state = "down"
+    ready = (
+        not state.draining
+        and any(s in ("ok", "degraded") for s in ups.values())
+        and store_state in ("ok", "none")
+    )
+    body = {
+        "status": "ready" if ready else ("draining" if state.draining else "unavailable"),
+        "upstreams": ups,
+        "store": store_state,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+def build_app(config: LoadedConfig) -> web.Application:
+    """The application for a configuration; the chain is built here, once."""
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        from proxy.store import open_store
+
+        store = await open_store(config.store) if _needs_store(config) else None
+        rt = await build_runtime(config, store)
+        app[STATE] = State(runtime=rt)
+        await start_runtime(rt)
+        yield
+        await stop_runtime(app[STATE].runtime)
+        if store is not None:
+            await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/{tail:.*}", entry)
+    return app
+
+
+def _needs_store(config: LoadedConfig) -> bool:
+    return any(e.type == "session" for e in config.chain)

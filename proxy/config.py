@@ -1,0 +1,256 @@
+"""The configuration file: YAML, `${VAR}` interpolation, strict validation.
+
+Every error carries its path in the file (`middleware[2].rate_limit.requests_per_minute:
+must be a positive integer`) and all errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_VAR = "CHAT_PROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `errors` lists `path: message` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class Model(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    keepalive_seconds: float = Field(15, ge=0)
+    drain_seconds: float = Field(30, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Timeouts(Model):
+    connect: float = Field(5, gt=0)
+    first_byte: float = Field(120, gt=0)
+    idle: float = Field(120, gt=0)
+
+
+class Retries(Model):
+    attempts: int = Field(1, ge=1, le=10)
+    backoff_initial: float = Field(0.2, ge=0)
+    backoff_max: float = Field(5, ge=0)
+    retry_after_max: float = Field(10, ge=0)
+
+
+class Circuit(Model):
+    failures: int = Field(5, ge=1)
+    cooldown: float = Field(30, gt=0)
+
+
+class UpstreamConfig(Model):
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    api_key: str = ""
+    models: tuple[str, ...] = ("*",)
+    weight: float = Field(1, gt=0)
+    timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    circuit: Circuit = Circuit()
+    max_connections: int = Field(100, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.startswith("echo:"):
+            return value
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL, or echo:")
+        return value.rstrip("/")
+
+
+class StoreConfig(Model):
+    backend: Literal["memory", "sqlite", "redis"] = "memory"
+    path: str = "data/chat-proxy.db"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "chat-proxy:"
+
+
+class MiddlewareEntry(Model):
+    """One entry of the chain after validation: its type and its typed options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    type: str
+    options: Any = None
+
+
+class Config(Model):
+    server: ServerConfig = ServerConfig()
+    upstreams: tuple[UpstreamConfig, ...] = Field(min_length=1)
+    store: StoreConfig = StoreConfig()
+    middleware: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_names(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+        names = [u.name for u in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"upstream names must be unique: {', '.join(dupes)}")
+        return value
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated configuration with its chain entries resolved."""
+
+    config: Config
+    chain: tuple[MiddlewareEntry, ...]
+    source: Path | None
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.config.server
+
+    @property
+    def upstreams(self) -> tuple[UpstreamConfig, ...]:
+        return self.config.upstreams
+
+    @property
+    def store(self) -> StoreConfig:
+        return self.config.store
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a YAML tree."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, value) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def format_loc(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "must be an integer"
+    if kind in ("float_type", "float_parsing"):
+        return "must be a number"
+    if kind in ("bool_type", "bool_parsing"):
+        return "must be true or false"
+    if kind in ("string_type",):
+        return "must be a string"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "must be a mapping"
+    if kind in ("list_type", "tuple_type"):
+        return "must be a list"
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        return "must be a positive number" if isinstance(err.get("input"), float) else (
+            "must be a positive integer"
+        )
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    if kind == "less_than":
+        return f"must be less than {ctx.get('lt')}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else str(err.get("msg"))
+    if kind == "value_error":
+        return str(ctx.get("error", err.get("msg")))
+    return str(err.get("msg", "is invalid"))
+
+
+def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    return [f"{format_loc(tuple(e['loc']), prefix)}: {_message(e)}" for e in exc.errors()]
+
+
+def load_text(text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None) -> LoadedConfig:
+    """Parse, interpolate and validate a configuration, chain included."""
+    from proxy.chain import resolve_entries
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError([f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: must be a mapping"])
+    errors: list[str] = []
+    data = interpolate(raw, os.environ if env is None else env, "", errors)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(validation_errors(exc))
+    entries: tuple[MiddlewareEntry, ...] = ()
+    chain_raw = data.get("middleware") if isinstance(data, dict) else None
+    if isinstance(chain_raw, list):
+        entries, chain_errors = resolve_entries(chain_raw)
+        errors.extend(chain_errors)
+    if errors or config is None:
+        raise ConfigError(errors or ["<root>: invalid configuration"])
+    return LoadedConfig(config=config, chain=entries, source=source)
+
+
+def load(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Load the configuration file named by `path` or by CHAT_PROXY_CONFIG."""
+    environ = os.environ if env is None else env
+    name = path or environ.get(ENV_VAR)
+    if not name:
+        raise ConfigError([f"no configuration file: pass --config FILE or set {ENV_VAR}"])
+    p = Path(name)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read ({exc.strerror or exc})"]) from None
+    return load_text(text, env=environ, source=p)

@@ -1,0 +1,136 @@
+"""Errors in the OpenAI shape, and the mapping of backend errors to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+
+
+class ProxyError(Exception):
+    """An error the client sees as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or error_type_for(status)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
+        headers = dict(extra_headers or {})
+        headers.update(self.headers)
+        return web.Response(
+            status=self.status,
+            body=self.to_bytes(),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)
+
+
+def not_found(message: str = "Not found.") -> ProxyError:
+    return ProxyError(404, message, code="not_found")
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def normalise_backend_error(status: int, body: bytes) -> ProxyError:
+    """Turn any backend error body into the OpenAI shape, keeping its message.
+
+    Handles the OpenAI shape itself, vLLM's `{"error": "Unauthorized"}`, Ollama's
+    `{"error": "model 'x' not found"}`, FastAPI's `{"detail": ...}`, llama.cpp's
+    `{"error": {"code", "message", "type"}}` and plain text.
+    """
+    mapped = status if 400 <= status < 600 else 502
+    message: str | None = None
+    etype: str | None = None
+    param: str | None = None
+    code: str | None = None
+    try:
+        doc = json.loads(body) if body else None
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc.get("detail"))
+        if isinstance(err, dict):
+            message = _text(err.get("message")) or _text(err.get("msg"))
+            etype = _text(err.get("type"))
+            param = _text(err.get("param"))
+            raw_code = err.get("code")
+            code = str(raw_code) if isinstance(raw_code, (str, int)) else None
+        elif isinstance(err, str):
+            message = _text(err)
+        elif isinstance(err, list) and err:
+            message = "; ".join(
+                str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in err
+            )
+        if message is None:
+            message = _text(doc.get("message"))
+    elif body and doc is None:
+        try:
+            message = _text(body.decode("utf-8", "replace")[:500])
+        except Exception:  # pragma: no cover - decode with replace does not raise
+            message = None
+    if message is None:
+        message = f"The backend answered with status {status}."
+    if etype is None or mapped >= 500 or mapped in (401, 403, 429):
+        etype = error_type_for(mapped)
+    if code is not None and code.isdigit():
+        code = None
+    return ProxyError(mapped, message, type=etype, param=param, code=code)
+
+
+def sse_error_event(err: ProxyError) -> bytes:
+    """The error as one SSE event, for errors after a stream has started."""
+    return b"data: " + err.to_bytes() + b"\n\n"

@@ -1,0 +1,101 @@
+"""Per-request state shared by the chain and the upstream handler.
+
+Middlewares read the parsed request from here and register what they need of the
+response: headers to add, a body transform, an event transform for streams, or a
+callback when the response is complete. The upstream handler parses the response
+only when one of them asks for it; otherwise it relays bytes untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from proxy.sse import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: a key from the auth middleware, or an anonymous client."""
+
+    id: str
+    scopes: frozenset[str] = frozenset()
+    models: tuple[str, ...] = ("*",)
+    limits: Any = None
+    model: str | None = None
+    anonymous: bool = False
+
+
+class EventTransform(Protocol):
+    """Changes a stream: each event in, the events to send out; more at the end."""
+
+    def on_event(self, event: Event) -> list[Event]: ...
+
+    def on_end(self) -> list[Event]: ...
+
+
+BodyTransform = Callable[[dict[str, Any]], dict[str, Any]]
+CompletionCallback = Callable[["Exchange"], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class Exchange:
+    request: web.Request
+    route: str  # chat | models | sessions | passthrough
+    scope: str | None
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    raw_body: bytes | None = None
+    body: dict[str, Any] | None = None
+    identity: Identity | None = None
+    requested_model: str | None = None
+    session_id: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    event_transforms: list[EventTransform] = field(default_factory=list)
+    body_transforms: list[BodyTransform] = field(default_factory=list)
+    on_complete: list[CompletionCallback] = field(default_factory=list)
+    # filled in by the upstream handler
+    status: int = 0
+    stream: bool = False
+    upstream: str | None = None
+    attempts: int = 0
+    ttfb: float | None = None
+    completion: dict[str, Any] | None = None
+    error: str | None = None
+    log: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str | None:
+        body = self.body
+        if body is None:
+            return None
+        value = body.get("model")
+        return value if isinstance(value, str) else None
+
+    @property
+    def client_id(self) -> str:
+        """The key id, or the client address for anonymous callers."""
+        if self.identity is not None:
+            return self.identity.id
+        return f"ip:{self.request.remote or 'unknown'}"
+
+    @property
+    def wants_stream(self) -> bool:
+        return bool(self.body is not None and self.body.get("stream") is True)
+
+    @property
+    def needs_parse(self) -> bool:
+        """Whether any middleware needs the response parsed."""
+        return bool(self.event_transforms or self.body_transforms or self.on_complete)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+Handler = Callable[[Exchange], Awaitable[web.StreamResponse]]
+Middleware = Callable[[Exchange, Handler], Awaitable[web.StreamResponse]]

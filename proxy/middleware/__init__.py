@@ -1,0 +1,1 @@
+"""The built-in middlewares; importing this package registers them."""
