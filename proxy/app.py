@@ -75,6 +75,14 @@ def _terminal(runtime_ref: list[Runtime]) -> Handler:
                 raise not_found("Sessions are not enabled on this proxy.")
             response: web.StreamResponse = await api(ex)
             return response
+        identity = ex.identity
+        if identity is not None and ex.body is not None and not identity.may_use(ex.model):
+            raise ProxyError(
+                403,
+                f"The key '{identity.id}' may not use the model `{ex.model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
         return await upstream.handle(ex, rt.upstreams, ex.log.pop("_path"))
 
     return terminal

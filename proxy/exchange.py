@@ -9,12 +9,14 @@ only when one of them asks for it; otherwise it relays bytes untouched.
 from __future__ import annotations
 
 import time
+from fnmatch import fnmatchcase
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from proxy.config import Limits
 from proxy.sse import Event
 
 
@@ -25,9 +27,13 @@ class Identity:
     id: str
     scopes: frozenset[str] = frozenset()
     models: tuple[str, ...] = ("*",)
-    limits: Any = None
-    model: str | None = None
+    limits: Limits | None = None  # the key's own limits (rate_limit reads them)
+    model: str | None = None  # a model forced for this key (model_override reads it)
     anonymous: bool = False
+
+    def may_use(self, model: str | None) -> bool:
+        name = model or ""
+        return any(fnmatchcase(name, pattern) for pattern in self.models)
 
 
 class EventTransform(Protocol):
@@ -59,6 +65,9 @@ class Exchange:
     event_transforms: list[EventTransform] = field(default_factory=list)
     body_transforms: list[BodyTransform] = field(default_factory=list)
     on_complete: list[CompletionCallback] = field(default_factory=list)
+    # maps a name the client may send to the model sent upstream (model_override sets
+    # it; /v1/models filtering uses it)
+    model_resolver: Callable[[str], str] | None = None
     # filled in by the upstream handler
     status: int = 0
     stream: bool = False

@@ -1,1 +1,10 @@
-"""The built-in middlewares; importing this package registers them."""
+"""The built-in middlewares; importing this package registers every module in it."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
