@@ -68,6 +68,9 @@ class Exchange:
     # maps a name the client may send to the model sent upstream (model_override sets
     # it; /v1/models filtering uses it)
     model_resolver: Callable[[str], str] | None = None
+    # request data taken out of the body before it is forwarded but still wanted by
+    # later middlewares (validate keeps `elevenlabs_extra_body` here)
+    extra: dict[str, Any] = field(default_factory=dict)
     # filled in by the upstream handler
     status: int = 0
     stream: bool = False
