@@ -50,11 +50,19 @@ def classify(method: str, path: str) -> tuple[str, str | None, str]:
     """(route, scope, upstream path) for a request, or raise 404/405."""
     if path in _CHAT_PATHS:
         if method != "POST":
-            raise ProxyError(405, f"Method {method} is not allowed on {path}; use POST.", code="method_not_allowed")
+            raise ProxyError(
+                405,
+                f"Method {method} is not allowed on {path}; use POST.",
+                code="method_not_allowed",
+            )
         return "chat", "chat", "/chat/completions"
     if path in _MODELS_PATHS:
         if method != "GET":
-            raise ProxyError(405, f"Method {method} is not allowed on {path}; use GET.", code="method_not_allowed")
+            raise ProxyError(
+                405,
+                f"Method {method} is not allowed on {path}; use GET.",
+                code="method_not_allowed",
+            )
         return "models", "models", "/models"
     if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
         scope = "sessions:write" if method == "DELETE" else "sessions:read"
@@ -96,7 +104,13 @@ async def build_runtime(config: LoadedConfig, store: Any = None) -> Runtime:
     handler = compose(middlewares, _terminal(ref))
     ups = upstream.Upstreams(config.upstreams)
     ups.keepalive = config.server.keepalive_seconds
-    rt = Runtime(config=config, upstreams=ups, handler=handler, ctx=ctx, middleware_names=[n for n, _ in middlewares])
+    rt = Runtime(
+        config=config,
+        upstreams=ups,
+        handler=handler,
+        ctx=ctx,
+        middleware_names=[n for n, _ in middlewares],
+    )
     ref.append(rt)
     return rt
 
@@ -118,13 +132,17 @@ async def stop_runtime(rt: Runtime) -> None:
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        raise ProxyError(
+            413, f"The request body is larger than {limit} bytes.", code="request_too_large"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+            raise ProxyError(
+                413, f"The request body is larger than {limit} bytes.", code="request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -158,7 +176,9 @@ async def entry(request: web.Request) -> web.StreamResponse:
             if ex.route == "chat" or (ctype == "application/json" and raw):
                 doc = _parse_json(raw)
                 if not isinstance(doc, dict):
-                    raise bad_request("The request body must be a JSON object.", code="invalid_json")
+                    raise bad_request(
+                        "The request body must be a JSON object.", code="invalid_json"
+                    )
                 ex.body = doc
                 model = doc.get("model")
                 ex.requested_model = model if isinstance(model, str) else None
@@ -179,8 +199,8 @@ async def entry(request: web.Request) -> web.StreamResponse:
         log.exception("unhandled error", extra={"request_id": rid})
         ex.status = 500
         ex.error = "internal"
-        err = ProxyError(500, "The proxy failed to handle this request.", code="internal_error")
-        response = err.response({"X-Request-Id": rid})
+        fault = ProxyError(500, "The proxy failed to handle this request.", code="internal_error")
+        response = fault.response({"X-Request-Id": rid})
         return response
     finally:
         state.in_flight -= 1

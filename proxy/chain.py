@@ -12,7 +12,7 @@ import importlib
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -74,7 +74,7 @@ def _import_factory(ref: str) -> Factory:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{ref} is not callable")
-    return obj  # type: ignore[return-value]
+    return cast(Factory, obj)
 
 
 def resolve_entries(raw: list[Any]) -> tuple[tuple[MiddlewareEntry, ...], list[str]]:
@@ -134,6 +134,10 @@ def build_middlewares(ctx: BuildContext) -> list[tuple[str, Middleware]]:
                 mw = factory(dict(entry.options or {}), ctx)
             else:
                 mw = _REGISTRY[entry.type].factory(entry.options, ctx)
+        except ConfigError as exc:
+            # a factory's own paths (e.g. `keys_file[1].scopes`) continue the entry's
+            errors.extend(f"middleware[{i}].{entry.type}.{line}" for line in exc.errors)
+            continue
         except Exception as exc:
             errors.append(f"middleware[{i}].{entry.type}: {exc}")
             continue
@@ -178,7 +182,9 @@ def describe(config: LoadedConfig) -> list[str]:
     for up in config.upstreams:
         lines.append(f"  - {up.name}: {up.url} models={list(up.models)}")
     store = config.store
-    where = {"sqlite": store.path, "redis": _redact_url(store.url), "memory": "in process"}[store.backend]
+    where = {"sqlite": store.path, "redis": _redact_url(store.url), "memory": "in process"}[
+        store.backend
+    ]
     lines.append(f"store: {store.backend} ({where})")
     return lines
 
@@ -202,7 +208,11 @@ def _brief(value: Any) -> str:
             return {k: clean(x, str(k)) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x, name) for x in v]
-        if isinstance(v, str) and any(w in name.lower() for w in _SECRET_WORDS) and name != "keywords":
+        if (
+            isinstance(v, str)
+            and any(w in name.lower() for w in _SECRET_WORDS)
+            and name != "keywords"
+        ):
             return "***" if v else v
         return v
 

@@ -68,7 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chat-proxy", description="An OpenAI-compatible LLM proxy.")
+    parser = argparse.ArgumentParser(
+        prog="chat-proxy", description="An OpenAI-compatible LLM proxy."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the proxy")

@@ -55,7 +55,9 @@ class Accumulator:
         pos = call.get("index", len(calls))
         if not isinstance(pos, int):
             pos = len(calls)
-        cur = calls.setdefault(pos, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        cur = calls.setdefault(
+            pos, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
         if call.get("id"):
             cur["id"] = call["id"]
         fn = call.get("function") or {}
@@ -73,7 +75,9 @@ class Accumulator:
             tools = self._tools.get(index)
             if tools:
                 message["tool_calls"] = [tools[k] for k in sorted(tools)]
-            choices.append({"index": index, "message": message, "finish_reason": acc["finish_reason"]})
+            choices.append(
+                {"index": index, "message": message, "finish_reason": acc["finish_reason"]}
+            )
         return {
             "id": self.id,
             "object": "chat.completion",

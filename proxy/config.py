@@ -160,7 +160,10 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, errors: list[str]
 
         return _VAR.sub(sub, value) if "${" in value else value
     if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
+        return {
+            k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     return value
@@ -196,8 +199,10 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind in ("list_type", "tuple_type"):
         return "must be a list"
     if kind == "greater_than" and ctx.get("gt") == 0:
-        return "must be a positive number" if isinstance(err.get("input"), float) else (
-            "must be a positive integer"
+        return (
+            "must be a positive number"
+            if isinstance(err.get("input"), float)
+            else ("must be a positive integer")
         )
     if kind == "greater_than":
         return f"must be greater than {ctx.get('gt')}"
@@ -220,7 +225,9 @@ def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     return [f"{format_loc(tuple(e['loc']), prefix)}: {_message(e)}" for e in exc.errors()]
 
 
-def load_text(text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None) -> LoadedConfig:
+def load_text(
+    text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None
+) -> LoadedConfig:
     """Parse, interpolate and validate a configuration, chain included."""
     from proxy.chain import resolve_entries
 
@@ -229,7 +236,9 @@ def load_text(text: str, *, env: Mapping[str, str] | None = None, source: Path |
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError([f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        raise ConfigError(
+            [f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -251,7 +260,9 @@ def load_text(text: str, *, env: Mapping[str, str] | None = None, source: Path |
     return LoadedConfig(config=config, chain=entries, source=source)
 
 
-def load(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
+def load(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> LoadedConfig:
     """Load the configuration file named by `path` or by CHAT_PROXY_CONFIG."""
     environ = os.environ if env is None else env
     name = path or environ.get(ENV_VAR)

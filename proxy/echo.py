@@ -30,7 +30,9 @@ def _last_user_text(messages: Any) -> str:
                 return content
             if isinstance(content, list):
                 return " ".join(
-                    p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+                    p.get("text", "")
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "text"
                 )
     return ""
 
@@ -50,16 +52,24 @@ def make_app(delay: float = 0.0) -> web.Application:
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": "echo", "object": "model", "created": 0, "owned_by": "chat-proxy"}]}
+            {
+                "object": "list",
+                "data": [{"id": "echo", "object": "model", "created": 0, "owned_by": "chat-proxy"}],
+            }
         )
 
     async def chat(request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
-            return web.json_response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "invalid JSON", "type": "invalid_request_error"}}, status=400
+            )
         if not isinstance(body, dict):
-            return web.json_response({"error": {"message": "body must be an object", "type": "invalid_request_error"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "body must be an object", "type": "invalid_request_error"}},
+                status=400,
+            )
         model = body.get("model") or "echo"
         text = _last_user_text(body.get("messages"))
         words = ("You said: " + text).split() if text else ["Hello!"]
@@ -67,7 +77,8 @@ def make_app(delay: float = 0.0) -> web.Application:
         finish = "stop"
         if isinstance(limit, int) and limit < len(words):
             words, finish = words[:limit], "length"
-        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        raw_n = body.get("n")
+        n = raw_n if isinstance(raw_n, int) and 0 < raw_n <= 16 else 1
         prompt_tokens = _count(body.get("messages"))
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -94,17 +105,27 @@ def make_app(delay: float = 0.0) -> web.Application:
                     "usage": usage,
                 }
             )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
 
         async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+            chunk = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
             if extra:
                 chunk.update(extra)
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         for i in range(n):
-            await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            await send(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
         for pos, word in enumerate(words):
             if delay:
                 await asyncio.sleep(delay)
@@ -128,7 +149,14 @@ def make_app(delay: float = 0.0) -> web.Application:
             {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.5]}
             for i, x in enumerate(items)
         ]
-        return web.json_response({"object": "list", "data": data, "model": body.get("model", "echo"), "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", "echo"),
+                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+            }
+        )
 
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)

@@ -134,3 +134,57 @@ def normalise_backend_error(status: int, body: bytes) -> ProxyError:
 def sse_error_event(err: ProxyError) -> bytes:
     """The error as one SSE event, for errors after a stream has started."""
     return b"data: " + err.to_bytes() + b"\n\n"
+
+
+def normalise_error_payload(payload: Any, other_field: str | None = None) -> dict[str, Any] | None:
+    """An error found in a stream, in the OpenAI shape; None when it is not an error
+    or already has that shape.
+
+    Covers llama.cpp's `error: {...}` SSE field (passed as `other_field`), vLLM's
+    `{"object": "error", "message": ...}` and `{"error": "text"}`, and error objects
+    that lack some of the OpenAI fields."""
+    if other_field is not None:
+        try:
+            doc = json.loads(other_field)
+        except ValueError:
+            doc = {"message": other_field}
+        inner = doc.get("error", doc) if isinstance(doc, dict) else {"message": str(doc)}
+        return _shape(inner if isinstance(inner, dict) else {"message": str(inner)})
+    if not isinstance(payload, dict):
+        return None
+    if payload.get("object") == "error":
+        return _shape(payload)
+    err = payload.get("error")
+    if err is None or "choices" in payload:
+        return None
+    if isinstance(err, str):
+        return _shape({"message": err})
+    if isinstance(err, dict):
+        if all(k in err for k in ("message", "type", "param", "code")) and isinstance(
+            err["message"], str
+        ):
+            return None
+        return _shape(err)
+    return _shape({"message": str(err)})
+
+
+def _shape(doc: dict[str, Any]) -> dict[str, Any]:
+    raw_status = doc.get("code")
+    status = raw_status if isinstance(raw_status, int) and 400 <= raw_status < 600 else 500
+    message = _text(doc.get("message")) or "The backend reported an error."
+    etype = _text(doc.get("type"))
+    if (
+        etype is None
+        or status >= 500
+        or etype in ("server_error", "BadRequestError", "InternalServerError")
+    ):
+        etype = error_type_for(status)
+    code = doc.get("code")
+    return {
+        "error": {
+            "message": message,
+            "type": etype,
+            "param": _text(doc.get("param")),
+            "code": code if isinstance(code, str) else None,
+        }
+    }

@@ -9,9 +9,9 @@ only when one of them asks for it; otherwise it relays bytes untouched.
 from __future__ import annotations
 
 import time
-from fnmatch import fnmatchcase
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -62,6 +62,9 @@ class Exchange:
     session_id: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    # request header names (lower case) never forwarded to the backend, beyond the
+    # fixed set the upstream handler drops (auth adds a custom key header here)
+    upstream_drop_headers: set[str] = field(default_factory=set)
     event_transforms: list[EventTransform] = field(default_factory=list)
     body_transforms: list[BodyTransform] = field(default_factory=list)
     on_complete: list[CompletionCallback] = field(default_factory=list)

@@ -32,8 +32,15 @@ async def _run(config: LoadedConfig, host: str, port: int, reuse_port: bool) -> 
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
     if not _is_loopback(host) and not any(e.type == "auth" for e in config.chain):
-        log.warning("listening beyond loopback with no auth middleware: anyone who can reach %s:%s may call the backend", host, port)
-    log.info("chat-proxy listening", extra={"host": host, "port": port, "chain": [e.type for e in config.chain]})
+        log.warning(
+            "listening beyond loopback with no auth middleware: anyone who can reach %s:%s may call the backend",
+            host,
+            port,
+        )
+    log.info(
+        "chat-proxy listening",
+        extra={"host": host, "port": port, "chain": [e.type for e in config.chain]},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -42,12 +49,14 @@ async def _run(config: LoadedConfig, host: str, port: int, reuse_port: bool) -> 
     state = app[STATE]
     state.draining = True
     deadline = loop.time() + config.server.drain_seconds
-    while state.in_flight and loop.time() < deadline:
+    while state.in_flight and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     await runner.cleanup()
 
 
-def serve(config: LoadedConfig, *, host: str, port: int, workers: int = 1, config_path: str | None = None) -> int:
+def serve(
+    config: LoadedConfig, *, host: str, port: int, workers: int = 1, config_path: str | None = None
+) -> int:
     if workers < 1:
         log.error("--workers must be at least 1")
         return 2

@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-
 _UNSET: Any = object()
 
 
@@ -32,6 +31,8 @@ class Event:
     retry: int | None = None
     comments: list[str] = field(default_factory=list)
     raw: bytes | None = None
+    # fields the SSE standard does not name (llama.cpp sends `error: {...}`)
+    other: dict[str, str] | None = None
     _json: Any = field(default=_UNSET, repr=False, compare=False)
 
     def json(self) -> Any:
@@ -121,8 +122,13 @@ def parse(pending: Pending, chunk: bytes) -> tuple[list[Event], Pending]:
         elif name == "id":
             if "\0" not in value:
                 cur.id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            cur.retry = int(value)
+        elif name == "retry":
+            if value.isascii() and value.isdigit():
+                cur.retry = int(value)
+        elif sep:
+            if cur.other is None:
+                cur.other = {}
+            cur.other[name] = value
     rest = buf[event_start:]
     return events, Pending(rest, not rest and buf[-1:] == b"\r")
 
@@ -134,7 +140,7 @@ def flush(pending: Pending) -> list[Event]:
     last event for a missing newline, so it is completed here."""
     if not pending.buf.strip(b"\r\n"):
         return []
-    events, rest = parse(pending, b"\n\n")
+    events, _rest = parse(pending, b"\n\n")
     for ev in events:
         ev.raw = None  # its bytes were incomplete; re-encode it
     return events
@@ -153,6 +159,9 @@ def encode(event: Event) -> bytes:
         parts.append(f"id: {event.id}\n")
     if event.retry is not None:
         parts.append(f"retry: {event.retry}\n")
+    if event.other:
+        for name, value in event.other.items():
+            parts.append(f"{name}: {value}\n")
     if event.data is not None:
         for line in event.data.split("\n"):
             parts.append(f"data: {line}\n")
@@ -162,15 +171,16 @@ def encode(event: Event) -> bytes:
 
 def data_event(payload: Any) -> Event:
     """A new `data:` event holding JSON."""
-    return Event(data=json.dumps(payload, separators=(",", ":")))
+    return Event(data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False), _json=payload)
 
 
 def changed(event: Event, payload: Any) -> Event:
     """The event with new JSON data; its raw bytes are dropped so it is re-encoded."""
     return Event(
-        data=json.dumps(payload, separators=(",", ":")),
+        data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
         event=event.event,
         id=event.id,
         retry=event.retry,
         comments=list(event.comments),
+        _json=payload,
     )

@@ -24,8 +24,13 @@ from yarl import URL
 from proxy import sse
 from proxy.completion import Accumulator
 from proxy.config import UpstreamConfig
-from proxy.errors import ProxyError, normalise_backend_error, sse_error_event
-from proxy.exchange import Exchange
+from proxy.errors import (
+    ProxyError,
+    normalise_backend_error,
+    normalise_error_payload,
+    sse_error_event,
+)
+from proxy.exchange import EventTransform, Exchange
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -58,7 +63,9 @@ class Failure(Exception):
     """An attempt that failed before the first byte; `retryable` says whether another
     attempt (here or on another upstream) may be made."""
 
-    def __init__(self, kind: str, error: ProxyError, retryable: bool, retry_after: float | None = None):
+    def __init__(
+        self, kind: str, error: ProxyError, retryable: bool, retry_after: float | None = None
+    ):
         super().__init__(error.message)
         self.kind = kind
         self.error = error
@@ -103,7 +110,11 @@ class Upstream:
             self.open_until = time.monotonic() + self.cfg.circuit.cooldown
             log.warning(
                 "upstream circuit open",
-                extra={"upstream": self.name, "failures": self.failures, "cooldown": self.cfg.circuit.cooldown},
+                extra={
+                    "upstream": self.name,
+                    "failures": self.failures,
+                    "cooldown": self.cfg.circuit.cooldown,
+                },
             )
 
     def url(self, path: str, query: str) -> URL:
@@ -170,7 +181,12 @@ class Upstreams:
 
 
 def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
-    headers = {k: v for k, v in ex.request.headers.items() if k.lower() not in _DROP_REQUEST}
+    drop = ex.upstream_drop_headers
+    headers = {
+        k: v
+        for k, v in ex.request.headers.items()
+        if k.lower() not in _DROP_REQUEST and k.lower() not in drop
+    }
     headers["X-Request-Id"] = ex.request_id
     headers.update(ex.upstream_headers)
     headers.update(up.auth)
@@ -220,7 +236,9 @@ async def _open(
                 err = normalise_backend_error(resp.status, body)
                 retryable = resp.status in (429, 502, 503, 504)
                 if resp.status >= 500 and err.status >= 500:
-                    err = ProxyError(resp.status if resp.status in (502, 503, 504) else 502, err.message)
+                    err = ProxyError(
+                        resp.status if resp.status in (502, 503, 504) else 502, err.message
+                    )
                 raise Failure(f"http_{resp.status}", err, retryable, _retry_after(resp))
             first = await resp.content.readany()
             return resp, first
@@ -231,7 +249,11 @@ async def _open(
             resp.close()
         raise Failure(
             "timeout",
-            ProxyError(504, f"The backend did not answer within {t.first_byte:g} seconds.", code="upstream_timeout"),
+            ProxyError(
+                504,
+                f"The backend did not answer within {t.first_byte:g} seconds.",
+                code="upstream_timeout",
+            ),
             True,
         ) from None
     except (aiohttp.ClientConnectionError, OSError) as exc:
@@ -240,14 +262,20 @@ async def _open(
         kind = "connect" if resp is None else "reset"
         raise Failure(
             kind,
-            ProxyError(502, f"The backend is unreachable ({type(exc).__name__}).", code="upstream_unreachable"),
+            ProxyError(
+                502,
+                f"The backend is unreachable ({type(exc).__name__}).",
+                code="upstream_unreachable",
+            ),
             True,
         ) from None
     except aiohttp.ClientPayloadError:
         if resp is not None:
             resp.close()
         raise Failure(
-            "reset", ProxyError(502, "The backend closed the connection early.", code="upstream_reset"), True
+            "reset",
+            ProxyError(502, "The backend closed the connection early.", code="upstream_reset"),
+            True,
         ) from None
 
 
@@ -257,13 +285,19 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
     if not candidates:
         raise ProxyError(
             404,
-            f"The model `{ex.model}` is not served here." if ex.model else "No upstream serves this request.",
+            f"The model `{ex.model}` is not served here."
+            if ex.model
+            else "No upstream serves this request.",
             param="model" if ex.model else None,
             code="model_not_found",
         )
     live = [u for u in candidates if not u.is_open]
     if not live:
-        raise ProxyError(503, "Every backend for this model is temporarily unavailable.", code="upstream_unavailable")
+        raise ProxyError(
+            503,
+            "Every backend for this model is temporarily unavailable.",
+            code="upstream_unavailable",
+        )
     data: bytes | None
     if ex.body is not None:
         data = json.dumps(ex.body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -324,7 +358,9 @@ async def _relay(
         async with asyncio.timeout(t.idle):
             rest = await resp.read()
     except (TimeoutError, aiohttp.ClientError, OSError):
-        raise ProxyError(502, "The backend closed the connection early.", code="upstream_reset") from None
+        raise ProxyError(
+            502, "The backend closed the connection early.", code="upstream_reset"
+        ) from None
     body = first + rest
     if ex.needs_parse and ctype.startswith("application/json"):
         try:
@@ -347,12 +383,29 @@ async def _relay(
     return out
 
 
+class ErrorNormaliser:
+    """Rewrites backend error events of other shapes into `data: {"error": {...}}`."""
+
+    def on_event(self, event: sse.Event) -> list[sse.Event]:
+        other = event.other.get("error") if event.other else None
+        if other is None and (event.data is None or "error" not in event.data):
+            return [event]
+        fixed = normalise_error_payload(event.json(), other)
+        if fixed is None:
+            return [event]
+        return [sse.data_event(fixed)]
+
+    def on_end(self) -> list[sse.Event]:
+        return []
+
+
 class _Transformer:
     """The transformed relay: parse, pass through each transform, re-encode."""
 
     def __init__(self, ex: Exchange) -> None:
         # responses pass the chain bottom to top: the last registered transform first
-        self.transforms = list(reversed(ex.event_transforms))
+        self.transforms: list[EventTransform] = [ErrorNormaliser()]
+        self.transforms.extend(reversed(ex.event_transforms))
         self.acc = Accumulator() if ex.on_complete else None
         self.pending = sse.START
 
@@ -403,6 +456,9 @@ async def _relay_stream(
     silent = 0.0
     try:
         while chunk:
+            if transformer is None and boundary and b"error" in chunk:
+                # a backend error event may follow: parse from here on to normalise it
+                transformer = _Transformer(ex)
             if transformer is None:
                 await out.write(chunk)
                 boundary = chunk.endswith(_BOUNDARIES)
@@ -436,12 +492,22 @@ async def _relay_stream(
         return out
     except TimeoutError:
         ex.error = "upstream_idle_timeout"
-        await _stream_error(out, ProxyError(504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"))
+        await _stream_error(
+            out,
+            ProxyError(
+                504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"
+            ),
+        )
         resp.close()
         return out
     except (aiohttp.ClientError, OSError) as exc:
         ex.error = f"upstream_{type(exc).__name__}"
-        await _stream_error(out, ProxyError(502, "The backend failed in the middle of the stream.", code="upstream_reset"))
+        await _stream_error(
+            out,
+            ProxyError(
+                502, "The backend failed in the middle of the stream.", code="upstream_reset"
+            ),
+        )
         resp.close()
         return out
     await out.write_eof()
@@ -472,7 +538,9 @@ def model_list_merge(docs: list[Any]) -> dict[str, Any]:
             if isinstance(item, dict):
                 mid = item.get("id") or item.get("name") or item.get("model")
                 if isinstance(mid, str) and mid not in seen:
-                    seen[mid] = {**item, "id": mid, "object": "model"} if "object" not in item else item
+                    seen[mid] = (
+                        {**item, "id": mid, "object": "model"} if "object" not in item else item
+                    )
     return {"object": "list", "data": list(seen.values())}
 
 
@@ -485,14 +553,22 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
             continue
         try:
             async with asyncio.timeout(up.cfg.timeouts.first_byte):
-                async with up.session.get(up.url("/models", ""), headers=_forward_headers(ex, up)) as resp:
+                async with up.session.get(
+                    up.url("/models", ""), headers=_forward_headers(ex, up)
+                ) as resp:
                     body = await resp.read()
                     if resp.status >= 400:
                         errors.append(normalise_backend_error(resp.status, body))
                         continue
                     docs.append(json.loads(body))
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            errors.append(ProxyError(502, f"The backend is unreachable ({type(exc).__name__}).", code="upstream_unreachable"))
+            errors.append(
+                ProxyError(
+                    502,
+                    f"The backend is unreachable ({type(exc).__name__}).",
+                    code="upstream_unreachable",
+                )
+            )
     if not docs and errors:
         raise errors[0]
     doc = model_list_merge(docs)

@@ -56,7 +56,9 @@ class Backend:
         self.seen.append(Seen(request.method, request.path, CIMultiDict(request.headers), body))
         handler = self.routes.get((request.method, request.path))
         if handler is None:
-            return web.json_response({"error": {"message": "no such route in the stand-in"}}, status=404)
+            return web.json_response(
+                {"error": {"message": "no such route in the stand-in"}}, status=404
+            )
         return await handler(request)
 
 
@@ -66,14 +68,27 @@ def completion(content: str = "Hello!", model: str = "test-model", **extra: Any)
         "object": "chat.completion",
         "created": 1700000000,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
     doc.update(extra)
     return doc
 
 
-def chunk(content: str | None = None, *, index: int = 0, finish: str | None = None, model: str = "test-model", **delta: Any) -> bytes:
+def chunk(
+    content: str | None = None,
+    *,
+    index: int = 0,
+    finish: str | None = None,
+    model: str = "test-model",
+    **delta: Any,
+) -> bytes:
     d: dict[str, Any] = dict(delta)
     if content is not None:
         d["content"] = content
@@ -94,7 +109,11 @@ def usage_chunk(prompt: int = 5, completion_tokens: int = 2, model: str = "test-
         "created": 1700000000,
         "model": model,
         "choices": [],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        },
     }
     return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
@@ -134,12 +153,18 @@ async def backend() -> AsyncIterator[Backend]:
     b.server = TestServer(app)
     await b.server.start_server()
     b.chat(json_handler(completion()))
-    b.on("GET", "/v1/models", json_handler({"object": "list", "data": [{"id": "test-model", "object": "model"}]}))
+    b.on(
+        "GET",
+        "/v1/models",
+        json_handler({"object": "list", "data": [{"id": "test-model", "object": "model"}]}),
+    )
     yield b
     await b.server.close()
 
 
-def config_from(text: str, backend: Backend | None = None, env: dict[str, str] | None = None) -> LoadedConfig:
+def config_from(
+    text: str, backend: Backend | None = None, env: dict[str, str] | None = None
+) -> LoadedConfig:
     """A config from YAML text; `{backend}` in it becomes the stand-in's URL."""
     if backend is not None:
         text = text.replace("{backend}", backend.url)
@@ -153,8 +178,12 @@ ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 async def make_proxy(aiohttp_client: Any) -> ProxyFactory:
     """make_proxy(yaml_text, backend=None, env=None) -> a test client of the proxy."""
 
-    async def factory(text: str, backend: Backend | None = None, env: dict[str, str] | None = None) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = await aiohttp_client(build_app(config_from(text, backend, env)))
+    async def factory(
+        text: str, backend: Backend | None = None, env: dict[str, str] | None = None
+    ) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(
+            build_app(config_from(text, backend, env))
+        )
         return client
 
     return factory

@@ -8,10 +8,21 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, sse_handler, usage_chunk
+from tests.conftest import (
+    BASIC,
+    DONE,
+    Backend,
+    ProxyFactory,
+    chat_body,
+    chunk,
+    sse_handler,
+    usage_chunk,
+)
 
 
-async def test_non_streaming_body_is_the_backends(make_proxy: ProxyFactory, backend: Backend) -> None:
+async def test_non_streaming_body_is_the_backends(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
     raw = b'{"id":"x","object":"chat.completion","choices":[],"weird":  1.50}'
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -46,7 +57,9 @@ async def test_stream_is_relayed_byte_for_byte(make_proxy: ProxyFactory, backend
     assert await resp.read() == b"".join(parts)
 
 
-async def test_first_event_arrives_while_backend_still_sending(make_proxy: ProxyFactory, backend: Backend) -> None:
+async def test_first_event_arrives_while_backend_still_sending(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
     release = asyncio.Event()
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -70,7 +83,9 @@ async def test_first_event_arrives_while_backend_still_sending(make_proxy: Proxy
 
 async def test_request_id_kept_and_forwarded(make_proxy: ProxyFactory, backend: Backend) -> None:
     client = await make_proxy(BASIC, backend)
-    resp = await client.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": "abc-123"})
+    resp = await client.post(
+        "/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": "abc-123"}
+    )
     assert resp.headers["X-Request-Id"] == "abc-123"
     assert backend.seen[-1].headers["X-Request-Id"] == "abc-123"
 
@@ -78,7 +93,9 @@ async def test_request_id_kept_and_forwarded(make_proxy: ProxyFactory, backend: 
 async def test_bare_chat_path_and_passthrough(make_proxy: ProxyFactory, backend: Backend) -> None:
     async def embed(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        return web.json_response({"object": "list", "data": [{"embedding": [1, 2]}], "model": body["model"]})
+        return web.json_response(
+            {"object": "list", "data": [{"embedding": [1, 2]}], "model": body["model"]}
+        )
 
     backend.on("POST", "/v1/embeddings", embed)
     client = await make_proxy(BASIC, backend)
@@ -92,7 +109,9 @@ async def test_bare_chat_path_and_passthrough(make_proxy: ProxyFactory, backend:
     assert (await resp.json())["data"][0]["id"] == "test-model"
 
 
-async def test_routing_by_model_glob(make_proxy: ProxyFactory, backend: Backend, aiohttp_server: Any) -> None:
+async def test_routing_by_model_glob(
+    make_proxy: ProxyFactory, backend: Backend, aiohttp_server: Any
+) -> None:
     other_seen: list[str] = []
 
     async def other(request: web.Request) -> web.StreamResponse:
@@ -105,7 +124,7 @@ async def test_routing_by_model_glob(make_proxy: ProxyFactory, backend: Backend,
     text = f"""
 upstreams:
   - name: gpt
-    url: {server.make_url('/v1')}
+    url: {server.make_url("/v1")}
     models: ["gpt-*"]
   - name: rest
     url: {{backend}}
@@ -129,7 +148,9 @@ async def test_no_upstream_for_model(make_proxy: ProxyFactory, backend: Backend)
     assert body["error"]["param"] == "model"
 
 
-async def test_keepalive_comment_while_backend_silent(make_proxy: ProxyFactory, backend: Backend) -> None:
+async def test_keepalive_comment_while_backend_silent(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)

@@ -1,0 +1,105 @@
+"""Loading the configuration: interpolation, strict validation, paths in errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ConfigError, load_text
+
+UP = "upstreams:\n  - name: a\n    url: http://127.0.0.1:9/v1\n"
+
+
+def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_text(text, env=env or {})
+    return info.value.errors
+
+
+def test_minimal_config_defaults() -> None:
+    cfg = load_text(UP, env={})
+    assert cfg.server.port == 8080
+    assert cfg.server.max_body_bytes == 4 * 1024 * 1024
+    assert cfg.upstreams[0].timeouts.first_byte == 120
+    assert cfg.upstreams[0].models == ("*",)
+    assert cfg.chain == ()
+
+
+def test_env_interpolation_with_defaults() -> None:
+    text = """
+server: {port: "${PORT:-9000}", host: "${HOST}"}
+upstreams:
+  - name: a
+    url: ${URL}
+    api_key: ${KEY:-}
+"""
+    cfg = load_text(text, env={"HOST": "0.0.0.0", "URL": "http://x:1/v1"})
+    assert cfg.server.port == 9000
+    assert cfg.server.host == "0.0.0.0"
+    assert cfg.upstreams[0].url == "http://x:1/v1"
+    assert cfg.upstreams[0].api_key == ""
+
+
+def test_unset_variable_is_an_error_naming_it() -> None:
+    errs = errors_of("upstreams:\n  - name: a\n    url: ${NOPE}\n")
+    assert any("upstreams[0].url: environment variable NOPE is not set" in e for e in errs)
+
+
+def test_unknown_keys_wrong_types_and_values_all_reported() -> None:
+    text = (
+        UP
+        + """server:
+  prot: 1
+  port: "abc"
+  max_body_bytes: -1
+upstreams_x: []
+"""
+    )
+    errs = errors_of(text)
+    assert "server.prot: unknown key" in errs
+    assert "server.port: must be an integer" in errs
+    assert "server.max_body_bytes: must be a positive integer" in errs
+    assert "upstreams_x: unknown key" in errs
+
+
+def test_upstream_errors_have_paths() -> None:
+    text = "upstreams:\n  - name: a\n    url: ftp://x\n    timeouts: {connect: 0}\n"
+    errs = errors_of(text)
+    assert "upstreams[0].url: must be an http:// or https:// URL, or echo:" in errs
+    assert "upstreams[0].timeouts.connect: must be a positive number" in errs or any(
+        e.startswith("upstreams[0].timeouts.connect:") for e in errs
+    )
+
+
+def test_missing_upstreams() -> None:
+    assert "upstreams: is required" in errors_of("server: {}\n")
+
+
+def test_invalid_yaml_says_where() -> None:
+    errs = errors_of("upstreams: [\n  - : :\n")
+    assert errs[0].startswith("<file>: line ")
+
+
+def test_unknown_middleware_and_bad_plugin() -> None:
+    text = (
+        UP
+        + """middleware:
+  - type: nope
+  - type: tests.plugins.missing:factory
+  - {}
+"""
+    )
+    errs = errors_of(text)
+    assert any(e.startswith("middleware[0].type: unknown middleware 'nope'") for e in errs)
+    assert any(
+        e.startswith("middleware[1].type: cannot load 'tests.plugins.missing:factory'")
+        for e in errs
+    )
+    assert "middleware[2].type: is required" in errs
+
+
+def test_user_middleware_options_kept() -> None:
+    cfg = load_text(
+        UP + "middleware:\n  - type: tests.plugins.audit:audit\n    team: blue\n", env={}
+    )
+    assert cfg.chain[0].type == "tests.plugins.audit:audit"
+    assert cfg.chain[0].options == {"team": "blue"}
