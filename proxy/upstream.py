@@ -235,11 +235,13 @@ async def _open(
                 resp.release()
                 err = normalise_backend_error(resp.status, body)
                 retryable = resp.status in (429, 502, 503, 504)
-                if resp.status >= 500 and err.status >= 500:
-                    err = ProxyError(
-                        resp.status if resp.status in (502, 503, 504) else 502, err.message
-                    )
-                raise Failure(f"http_{resp.status}", err, retryable, _retry_after(resp))
+                if resp.status >= 500:
+                    status = resp.status if resp.status in (502, 503, 504) else 502
+                    err = ProxyError(status, err.message)
+                after = _retry_after(resp)
+                if after is not None and resp.status in (429, 503):
+                    err.headers["Retry-After"] = str(max(1, round(after)))
+                raise Failure(f"http_{resp.status}", err, retryable, after)
             first = await resp.content.readany()
             return resp, first
     except Failure:
@@ -315,7 +317,8 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                 if not failure.retryable:
                     ex.upstream = up.name
                     raise failure.error from None
-                up.record(False)
+                if failure.kind != "http_429":  # busy is not broken
+                    up.record(False)
                 if up.is_open:
                     break
                 if attempt < up.cfg.retries.attempts:
@@ -329,7 +332,9 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             try:
                 return await _relay(ex, up, resp, first, upstreams.keepalive)
             finally:
-                resp.close() if not resp.closed else None
+                # back to the pool when read to the end; closed (and so cancelled at
+                # the backend) otherwise
+                resp.release()
     assert last is not None
     raise last.error
 
