@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import upstream
+from proxy import metrics, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, not_found
@@ -30,6 +30,7 @@ class Runtime:
     handler: Handler
     ctx: BuildContext
     middleware_names: list[str] = field(default_factory=list)
+    in_flight: int = 0
 
 
 @dataclass
@@ -165,8 +166,16 @@ async def entry(request: web.Request) -> web.StreamResponse:
     ex = Exchange(request=request, route="", scope=None, request_id=rid)
     ex.response_headers["X-Request-Id"] = rid
     state.in_flight += 1
+    rt.in_flight += 1
     response: web.StreamResponse | None = None
     try:
+        if state.draining:
+            raise ProxyError(
+                503,
+                "The proxy is shutting down; retry on another replica.",
+                code="shutting_down",
+                headers={"Connection": "close", "Retry-After": "1"},
+            )
         ex.route, ex.scope, path = classify(request.method, request.path)
         ex.log["_path"] = path
         if request.method in ("POST", "PUT", "PATCH"):
@@ -204,6 +213,8 @@ async def entry(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         state.in_flight -= 1
+        rt.in_flight -= 1
+        metrics.observe(ex)
         _access(ex)
 
 
@@ -281,6 +292,7 @@ def build_app(config: LoadedConfig) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics.handle)
     app.router.add_route("*", "/{tail:.*}", entry)
     return app
 

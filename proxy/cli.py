@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
 import logging
 import secrets
-import signal
 import sys
 from typing import Any
 
@@ -46,12 +43,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
+    from proxy.middleware.auth import SCOPES, sha256_hex
+
+    key_id = args.id.strip()
+    if not key_id:
+        print("--id: must not be empty", file=sys.stderr)
+        return 2
+    scopes = list(dict.fromkeys(s.strip() for s in args.scopes.split(",") if s.strip()))
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        what = f"unknown scope {', '.join(unknown)}" if unknown else "no scope given"
+        print(f"--scopes: {what} (scopes: {', '.join(SCOPES)})", file=sys.stderr)
+        return 2
     key = "sk-cp-" + secrets.token_urlsafe(32)
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-    entry: dict[str, Any] = {"id": args.id, "key_sha256": digest, "scopes": scopes}
+    entry: dict[str, Any] = {"id": key_id, "key_sha256": sha256_hex(key), "scopes": scopes}
     print(f"key (shown once, store it now): {key}")
-    print("config entry (under the auth middleware's keys:):")
+    print("config entry (under the auth middleware's keys:, or in its keys_file):")
     print(yaml.safe_dump([entry], sort_keys=False).rstrip())
     return 0
 
@@ -98,5 +105,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-_ = (asyncio, signal)

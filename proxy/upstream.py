@@ -31,6 +31,7 @@ from proxy.errors import (
     sse_error_event,
 )
 from proxy.exchange import EventTransform, Exchange
+from proxy.metrics import STREAMS
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -452,6 +453,21 @@ async def _relay_stream(
     headers.update(SSE_HEADERS)
     out = web.StreamResponse(status=resp.status, headers=headers)
     await out.prepare(ex.request)
+    STREAMS.inc()
+    try:
+        return await _pump(ex, up, resp, first, keepalive_seconds, out)
+    finally:
+        STREAMS.dec()
+
+
+async def _pump(
+    ex: Exchange,
+    up: Upstream,
+    resp: aiohttp.ClientResponse,
+    first: bytes,
+    keepalive_seconds: float,
+    out: web.StreamResponse,
+) -> web.StreamResponse:
     keepalive = keepalive_seconds
     idle = up.cfg.timeouts.idle
     tick = min(idle, keepalive) if keepalive else idle

@@ -1,0 +1,101 @@
+"""Prometheus metrics.
+
+With `serve --workers N` every worker writes to PROMETHEUS_MULTIPROC_DIR (set by the
+parent before any worker imports prometheus_client) and /metrics adds them up, so a
+scrape of any worker gives the totals of all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "chat_proxy_requests_total",
+    "Requests answered, by route, status and model.",
+    ["route", "status", "model"],
+)
+LATENCY = Histogram(
+    "chat_proxy_request_duration_seconds",
+    "Time from request to the end of the response.",
+    ["route"],
+    buckets=_LATENCY,
+)
+TTFB = Histogram(
+    "chat_proxy_time_to_first_byte_seconds",
+    "Time from request to the backend's first byte.",
+    ["route"],
+    buckets=_LATENCY,
+)
+TOKENS = Counter(
+    "chat_proxy_tokens_total", "Tokens reported by backends, by kind and model.", ["kind", "model"]
+)
+RATE_LIMITED = Counter(
+    "chat_proxy_rate_limit_refusals_total", "Requests refused by a rate limit.", ["limit"]
+)
+UPSTREAM_ERRORS = Counter(
+    "chat_proxy_upstream_errors_total",
+    "Failed attempts at a backend, by upstream and kind.",
+    ["upstream", "kind"],
+)
+STREAMS = Gauge(
+    "chat_proxy_streams_in_flight", "Streams being relayed now.", multiprocess_mode="livesum"
+)
+SESSIONS = Counter("chat_proxy_sessions_created_total", "Sessions created, by source.", ["source"])
+
+
+def observe(ex: Exchange) -> None:
+    """Record one finished request."""
+    route = ex.route or "unknown"
+    # the model label only for requests a backend answered: a client may send any name
+    model = ex.model or "" if ex.upstream is not None else ""
+    REQUESTS.labels(route, str(ex.status), model).inc()
+    LATENCY.labels(route).observe(ex.elapsed_ms() / 1000)
+    if ex.ttfb is not None:
+        TTFB.labels(route).observe(ex.ttfb)
+    for failure in ex.log.get("failures", ()):
+        name, _, kind = str(failure).partition(":")
+        UPSTREAM_ERRORS.labels(name, kind).inc()
+    if ex.error and ex.error.startswith("upstream_") and ex.upstream and ex.status == 200:
+        UPSTREAM_ERRORS.labels(ex.upstream, ex.error.removeprefix("upstream_")).inc()
+    limit = ex.log.get("rate_limited")
+    if ex.status == 429 and isinstance(limit, str):
+        RATE_LIMITED.labels(limit).inc()
+    completion = ex.completion
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    if isinstance(usage, dict):
+        for kind in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(kind)
+            if isinstance(value, int) and value > 0:
+                TOKENS.labels(kind.removesuffix("_tokens"), model).inc(value)
+    source = ex.log.get("session_source")
+    if source in ("elevenlabs", "header", "new"):
+        SESSIONS.labels(source).inc()
+
+
+async def handle(request: web.Request) -> web.Response:
+    """GET /metrics in the Prometheus text format."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        data = generate_latest(registry)
+    else:
+        data = generate_latest()
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
