@@ -377,3 +377,18 @@ async def test_openai_sdk_with_any_model_name(make_proxy: ProxyFactory, backend:
     assert {c.model for c in chunks} == {"junis-orchestrator"}
     assert backend.seen[-1].json()["model"] == "llama3.1:8b"
     await sdk.close()
+
+
+async def test_models_list_through_auth_judges_aliases_by_target(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    backend.on(
+        "GET",
+        "/v1/models",
+        json_handler({"object": "list", "data": [{"id": "llama3.1:8b"}, {"id": "qwen2.5:0.5b"}]}),
+    )
+    auth = '  - type: auth\n    keys:\n      - {id: k, key: key-k, models: ["llama*"]}\n'
+    client = await make_proxy(config(ALIASES, auth), backend)
+    resp = await client.get("/v1/models", headers={"Authorization": "Bearer key-k"})
+    assert resp.status == 200
+    assert [m["id"] for m in (await resp.json())["data"]] == ["llama3.1:8b", "junis-orchestrator"]
