@@ -88,7 +88,9 @@ def _terminal(runtime_ref: list[Runtime]) -> Handler:
         if identity is not None and ex.body is not None and not identity.may_use(ex.model):
             raise ProxyError(
                 403,
-                f"The key '{identity.id}' may not use the model `{ex.model}`.",
+                f"The key '{identity.id}' may not use the model `{ex.model}`."
+                if ex.model
+                else f"The key '{identity.id}' must name a model it may use.",
                 param="model",
                 code="model_not_allowed",
             )

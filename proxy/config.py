@@ -160,6 +160,8 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, errors: list[str]
 
         return _VAR.sub(sub, value) if "${" in value else value
     if isinstance(value, dict):
+        if re.fullmatch(r"middleware\[\d+\]", path) and isinstance(value.get("type"), str):
+            path = f"{path}.{value['type']}"  # paths name the middleware, as validation does
         return {
             k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors)
             for k, v in value.items()
@@ -214,6 +216,12 @@ def _message(err: Mapping[str, Any]) -> str:
         return f"must be less than {ctx.get('lt')}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
+    if kind == "string_too_short":
+        return (
+            "must not be empty"
+            if ctx.get("min_length") == 1
+            else f"must be at least {ctx.get('min_length')} characters"
+        )
     if kind == "too_short":
         return "must not be empty" if ctx.get("min_length") == 1 else str(err.get("msg"))
     if kind == "value_error":

@@ -22,6 +22,19 @@ _TYPES = {
 }
 
 
+OPENAI_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "rate_limit_error",
+        "api_error",
+        "server_error",
+    }
+)
+
+
 def error_type_for(status: int) -> str:
     return _TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
 
@@ -160,8 +173,11 @@ def normalise_error_payload(payload: Any, other_field: str | None = None) -> dic
     if isinstance(err, str):
         return _shape({"message": err})
     if isinstance(err, dict):
-        if all(k in err for k in ("message", "type", "param", "code")) and isinstance(
-            err["message"], str
+        if (
+            all(k in err for k in ("message", "type", "param", "code"))
+            and isinstance(err["message"], str)
+            and err["type"] in OPENAI_TYPES
+            and "object" not in err
         ):
             return None
         return _shape(err)

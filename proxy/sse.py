@@ -182,5 +182,6 @@ def changed(event: Event, payload: Any) -> Event:
         id=event.id,
         retry=event.retry,
         comments=list(event.comments),
+        other=dict(event.other) if event.other else None,
         _json=payload,
     )

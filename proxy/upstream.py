@@ -244,6 +244,15 @@ async def _open(
                     err.headers["Retry-After"] = str(max(1, round(after)))
                 raise Failure(f"http_{resp.status}", err, retryable, after)
             first = await resp.content.readany()
+            if not first and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                resp.close()
+                raise Failure(
+                    "empty",
+                    ProxyError(
+                        502, "The backend ended the stream without sending anything.", code="upstream_empty"
+                    ),
+                    True,
+                )
             return resp, first
     except Failure:
         raise

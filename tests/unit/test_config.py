@@ -103,3 +103,11 @@ def test_user_middleware_options_kept() -> None:
     )
     assert cfg.chain[0].type == "tests.plugins.audit:audit"
     assert cfg.chain[0].options == {"team": "blue"}
+
+
+def test_unset_variable_in_a_middleware_names_its_type() -> None:
+    text = UP + "middleware:\n  - type: tests.plugins.audit:audit\n    team: ${TEAM}\n"
+    assert (
+        "middleware[0].tests.plugins.audit:audit.team: environment variable TEAM is not set"
+        in errors_of(text)
+    )
