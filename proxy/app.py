@@ -84,8 +84,17 @@ def _terminal(runtime_ref: list[Runtime]) -> Handler:
                 raise not_found("Sessions are not enabled on this proxy.")
             response: web.StreamResponse = await api(ex)
             return response
+        body = ex.body
+        if ex.route == "chat" and body is not None:
+            # fields a backend would refuse, whether or not `validate` runs
+            if "elevenlabs_extra_body" in body:
+                ex.extra.setdefault("elevenlabs_extra_body", body.pop("elevenlabs_extra_body"))
+            if "user_id" in body:
+                user_id = body.pop("user_id")
+                if isinstance(user_id, str) and "user" not in body:
+                    body["user"] = user_id
         identity = ex.identity
-        if identity is not None and ex.body is not None and not identity.may_use(ex.model):
+        if identity is not None and body is not None and not identity.may_use(ex.model):
             raise ProxyError(
                 403,
                 f"The key '{identity.id}' may not use the model `{ex.model}`."

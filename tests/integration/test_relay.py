@@ -181,3 +181,15 @@ async def test_healthz_and_readyz(make_proxy: ProxyFactory, backend: Backend) ->
 
 def _lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def test_elevenlabs_fields_never_reach_the_backend(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    client = await make_proxy(BASIC, backend)  # no validate middleware in the chain
+    body = chat_body(elevenlabs_extra_body={"conversation_id": "c1"}, user_id="u-42")
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200
+    sent = backend.seen[-1].json()
+    assert "elevenlabs_extra_body" not in sent and "user_id" not in sent
+    assert sent["user"] == "u-42"
