@@ -1,9 +1,8 @@
 """The terminal handler: the only code that talks to a backend.
 
-It picks the upstream by model, sends the request, retries and falls back only
-before the first byte has gone to the client, and relays the answer: raw bytes as
-they arrive when no middleware needs the response, or parsed, transformed and
-re-encoded events where one does.
+It picks the upstream by model (proxy/routing.py), sends the request, retries and
+falls back only before the first byte has gone to the client, then hands the answer
+to proxy/relay.py.
 """
 
 from __future__ import annotations
@@ -12,34 +11,20 @@ import asyncio
 import json
 import logging
 import random
-import time
-from collections.abc import Iterable
-from fnmatch import fnmatchcase
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from proxy import sse
-from proxy.completion import Accumulator
-from proxy.config import UpstreamConfig
-from proxy.errors import (
-    ProxyError,
-    normalise_backend_error,
-    normalise_error_payload,
-    sse_error_event,
-)
-from proxy.exchange import EventTransform, Exchange
-from proxy.metrics import STREAMS
+from proxy.errors import ProxyError, normalise_backend_error
+from proxy.exchange import Exchange
+from proxy.relay import relay
+from proxy.routing import Upstream, Upstreams
+
+__all__ = ["Upstream", "Upstreams", "handle", "list_models"]
 
 log = logging.getLogger("chat_proxy.upstream")
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 # request headers never forwarded: hop-by-hop ones, the client's credentials, and
 # those the proxy sets itself
 _DROP_REQUEST = {
@@ -57,7 +42,6 @@ _DROP_REQUEST = {
     "accept-encoding",
     "cookie",
 }
-_BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
 class Failure(Exception):
@@ -72,113 +56,6 @@ class Failure(Exception):
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
-
-
-class Upstream:
-    """One configured backend: its connection pool and its passive health."""
-
-    def __init__(self, cfg: UpstreamConfig) -> None:
-        self.cfg = cfg
-        self.name = cfg.name
-        self.base = URL(cfg.url) if not cfg.url.startswith("echo:") else URL("http://127.0.0.1")
-        self.session: aiohttp.ClientSession | None = None
-        self.failures = 0
-        self.open_until = 0.0
-        self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-
-    def serves(self, model: str | None) -> bool:
-        name = model or ""
-        return any(fnmatchcase(name, pattern) for pattern in self.cfg.models)
-
-    @property
-    def is_open(self) -> bool:
-        return self.open_until > time.monotonic()
-
-    def state(self) -> str:
-        if self.session is None:
-            return "stopped"
-        if self.is_open:
-            return "open"
-        return "degraded" if self.failures else "ok"
-
-    def record(self, ok: bool) -> None:
-        if ok:
-            self.failures = 0
-            self.open_until = 0.0
-            return
-        self.failures += 1
-        if self.failures >= self.cfg.circuit.failures:
-            self.open_until = time.monotonic() + self.cfg.circuit.cooldown
-            log.warning(
-                "upstream circuit open",
-                extra={
-                    "upstream": self.name,
-                    "failures": self.failures,
-                    "cooldown": self.cfg.circuit.cooldown,
-                },
-            )
-
-    def url(self, path: str, query: str) -> URL:
-        # path is everything after /v1 (or the bare path for /chat/completions)
-        base = str(self.base).rstrip("/")
-        return URL(base + path + (f"?{query}" if query else ""), encoded=True)
-
-    async def start(self) -> None:
-        if self.cfg.url.startswith("echo:"):
-            from proxy.echo import start_echo
-
-            self.base = await start_echo(self.cfg.url)
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect),
-            skip_auto_headers=("User-Agent",),
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-        if self.cfg.url.startswith("echo:"):
-            from proxy.echo import stop_echo
-
-            await stop_echo(self.base)
-
-
-class Upstreams:
-    def __init__(self, configs: Iterable[UpstreamConfig]) -> None:
-        self.all = [Upstream(c) for c in configs]
-        self.keepalive = 0.0
-
-    async def start(self) -> None:
-        for up in self.all:
-            await up.start()
-
-    async def close(self) -> None:
-        for up in self.all:
-            await up.close()
-
-    def candidates(self, model: str | None) -> list[Upstream]:
-        """Upstreams serving `model` in the order to try them: config order, except
-        that upstreams with a `weight` matching alongside the first are balanced."""
-        matching = [u for u in self.all if u.serves(model)]
-        if len(matching) > 1 and matching[0].cfg.weight != 1:
-            weighted = [u for u in matching if u.cfg.weight != 1]
-            rest = [u for u in matching if u.cfg.weight == 1]
-            order: list[Upstream] = []
-            pool = list(weighted)
-            while pool:
-                pick = random.choices(pool, weights=[u.cfg.weight for u in pool])[0]
-                order.append(pick)
-                pool.remove(pick)
-            matching = order + rest
-        return matching
-
-    def states(self) -> dict[str, str]:
-        return {u.name: u.state() for u in self.all}
 
 
 def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
@@ -249,7 +126,9 @@ async def _open(
                 raise Failure(
                     "empty",
                     ProxyError(
-                        502, "The backend ended the stream without sending anything.", code="upstream_empty"
+                        502,
+                        "The backend ended the stream without sending anything.",
+                        code="upstream_empty",
                     ),
                     True,
                 )
@@ -340,218 +219,13 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             if ex.attempts > 1:
                 ex.response_headers["x-upstream-attempts"] = str(ex.attempts)
             try:
-                return await _relay(ex, up, resp, first, upstreams.keepalive)
+                return await relay(ex, up, resp, first, upstreams.keepalive)
             finally:
                 # back to the pool when read to the end; closed (and so cancelled at
                 # the backend) otherwise
                 resp.release()
     assert last is not None
     raise last.error
-
-
-async def _finish(ex: Exchange) -> None:
-    for callback in ex.on_complete:
-        try:
-            result = callback(ex)
-            if result is not None:
-                await result
-        except Exception:
-            log.exception("completion callback failed", extra={"request_id": ex.request_id})
-
-
-async def _relay(
-    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive: float
-) -> web.StreamResponse:
-    ex.ttfb = time.perf_counter() - ex.started
-    ex.status = resp.status
-    ctype = resp.headers.get("Content-Type", "application/json")
-    if ctype.startswith("text/event-stream"):
-        ex.stream = True
-        return await _relay_stream(ex, up, resp, first, keepalive)
-    t = up.cfg.timeouts
-    try:
-        async with asyncio.timeout(t.idle):
-            rest = await resp.read()
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        raise ProxyError(
-            502, "The backend closed the connection early.", code="upstream_reset"
-        ) from None
-    body = first + rest
-    if ex.needs_parse and ctype.startswith("application/json"):
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            for transform in reversed(ex.body_transforms):
-                doc = transform(doc)
-            if ex.body_transforms:
-                body = json.dumps(doc, ensure_ascii=False).encode()
-            ex.completion = doc
-    headers = dict(ex.response_headers)
-    headers["Content-Type"] = ctype
-    out = web.Response(status=resp.status, body=body, headers=headers)
-    if ex.on_complete:
-        await out.prepare(ex.request)
-        await out.write_eof()
-        await _finish(ex)
-    return out
-
-
-class ErrorNormaliser:
-    """Rewrites backend error events of other shapes into `data: {"error": {...}}`."""
-
-    def on_event(self, event: sse.Event) -> list[sse.Event]:
-        other = event.other.get("error") if event.other else None
-        if other is None and (event.data is None or "error" not in event.data):
-            return [event]
-        fixed = normalise_error_payload(event.json(), other)
-        if fixed is None:
-            return [event]
-        return [sse.data_event(fixed)]
-
-    def on_end(self) -> list[sse.Event]:
-        return []
-
-
-class _Transformer:
-    """The transformed relay: parse, pass through each transform, re-encode."""
-
-    def __init__(self, ex: Exchange) -> None:
-        # responses pass the chain bottom to top: the last registered transform first
-        self.transforms: list[EventTransform] = [ErrorNormaliser()]
-        self.transforms.extend(reversed(ex.event_transforms))
-        self.acc = Accumulator() if ex.on_complete else None
-        self.pending = sse.START
-
-    def _through(self, events: list[sse.Event], start: int = 0) -> list[sse.Event]:
-        for t in self.transforms[start:]:
-            out: list[sse.Event] = []
-            for e in events:
-                out.extend(t.on_event(e))
-            events = out
-        return events
-
-    def _emit(self, events: list[sse.Event]) -> bytes:
-        if self.acc is not None:
-            for e in events:
-                if e.data is not None:
-                    self.acc.feed(e.json())
-        return b"".join(sse.encode(e) for e in events)
-
-    def feed(self, chunk: bytes) -> bytes:
-        events, self.pending = sse.parse(self.pending, chunk)
-        return self._emit(self._through(events)) if events else b""
-
-    def end(self) -> bytes:
-        events = sse.flush(self.pending)
-        self.pending = sse.START
-        for t in self.transforms:
-            out: list[sse.Event] = []
-            for e in events:
-                out.extend(t.on_event(e))
-            out.extend(t.on_end())
-            events = out
-        return self._emit(events)
-
-
-async def _relay_stream(
-    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive_seconds: float
-) -> web.StreamResponse:
-    headers = dict(ex.response_headers)
-    headers.update(SSE_HEADERS)
-    out = web.StreamResponse(status=resp.status, headers=headers)
-    await out.prepare(ex.request)
-    STREAMS.inc()
-    try:
-        return await _pump(ex, up, resp, first, keepalive_seconds, out)
-    finally:
-        STREAMS.dec()
-
-
-async def _pump(
-    ex: Exchange,
-    up: Upstream,
-    resp: aiohttp.ClientResponse,
-    first: bytes,
-    keepalive_seconds: float,
-    out: web.StreamResponse,
-) -> web.StreamResponse:
-    keepalive = keepalive_seconds
-    idle = up.cfg.timeouts.idle
-    tick = min(idle, keepalive) if keepalive else idle
-    transformer = _Transformer(ex) if ex.needs_parse else None
-    chunk = first
-    boundary = True
-    silent = 0.0
-    try:
-        while chunk:
-            if transformer is None and boundary and b"error" in chunk:
-                # a backend error event may follow: parse from here on to normalise it
-                transformer = _Transformer(ex)
-            if transformer is None:
-                await out.write(chunk)
-                boundary = chunk.endswith(_BOUNDARIES)
-            else:
-                data = transformer.feed(chunk)
-                if data:
-                    await out.write(data)
-                boundary = not transformer.pending.buf
-            silent = 0.0
-            while True:
-                try:
-                    async with asyncio.timeout(tick):
-                        chunk = await resp.content.readany()
-                    break
-                except TimeoutError:
-                    silent += tick
-                    if silent >= idle:
-                        raise
-                    if boundary:
-                        await out.write(b": keepalive\n\n")
-        if transformer is not None:
-            tail = transformer.end()
-            if tail:
-                await out.write(tail)
-            if transformer.acc is not None:
-                ex.completion = transformer.acc.result()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        # the client went away: stop reading from the backend at once
-        ex.error = "client_disconnected"
-        resp.close()
-        return out
-    except TimeoutError:
-        ex.error = "upstream_idle_timeout"
-        await _stream_error(
-            out,
-            ProxyError(
-                504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"
-            ),
-        )
-        resp.close()
-        return out
-    except (aiohttp.ClientError, OSError) as exc:
-        ex.error = f"upstream_{type(exc).__name__}"
-        await _stream_error(
-            out,
-            ProxyError(
-                502, "The backend failed in the middle of the stream.", code="upstream_reset"
-            ),
-        )
-        resp.close()
-        return out
-    await out.write_eof()
-    if ex.on_complete:
-        await _finish(ex)
-    return out
-
-
-async def _stream_error(out: web.StreamResponse, err: ProxyError) -> None:
-    try:
-        await out.write(sse_error_event(err))
-        await out.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        pass
 
 
 def model_list_merge(docs: list[Any]) -> dict[str, Any]:

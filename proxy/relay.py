@@ -1,0 +1,233 @@
+"""The response side of the relay: raw bytes as they arrive, or parsed, transformed
+and re-encoded events where a middleware must change them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from proxy import sse
+from proxy.completion import Accumulator
+from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
+from proxy.exchange import EventTransform, Exchange
+from proxy.metrics import STREAMS
+from proxy.routing import Upstream
+
+log = logging.getLogger("chat_proxy.upstream")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+_BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+async def _finish(ex: Exchange) -> None:
+    for callback in ex.on_complete:
+        try:
+            result = callback(ex)
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("completion callback failed", extra={"request_id": ex.request_id})
+
+
+async def relay(
+    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive: float
+) -> web.StreamResponse:
+    ex.ttfb = time.perf_counter() - ex.started
+    ex.status = resp.status
+    ctype = resp.headers.get("Content-Type", "application/json")
+    if ctype.startswith("text/event-stream"):
+        ex.stream = True
+        return await _relay_stream(ex, up, resp, first, keepalive)
+    t = up.cfg.timeouts
+    try:
+        async with asyncio.timeout(t.idle):
+            rest = await resp.read()
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        raise ProxyError(
+            502, "The backend closed the connection early.", code="upstream_reset"
+        ) from None
+    body = first + rest
+    if ex.needs_parse and ctype.startswith("application/json"):
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            for transform in reversed(ex.body_transforms):
+                doc = transform(doc)
+            if ex.body_transforms:
+                body = json.dumps(doc, ensure_ascii=False).encode()
+            ex.completion = doc
+    headers = dict(ex.response_headers)
+    headers["Content-Type"] = ctype
+    out = web.Response(status=resp.status, body=body, headers=headers)
+    if ex.on_complete:
+        await out.prepare(ex.request)
+        await out.write_eof()
+        await _finish(ex)
+    return out
+
+
+class ErrorNormaliser:
+    """Rewrites backend error events of other shapes into `data: {"error": {...}}`."""
+
+    def on_event(self, event: sse.Event) -> list[sse.Event]:
+        other = event.other.get("error") if event.other else None
+        if other is None and (event.data is None or "error" not in event.data):
+            return [event]
+        fixed = normalise_error_payload(event.json(), other)
+        if fixed is None:
+            return [event]
+        return [sse.data_event(fixed)]
+
+    def on_end(self) -> list[sse.Event]:
+        return []
+
+
+class _Transformer:
+    """The transformed relay: parse, pass through each transform, re-encode."""
+
+    def __init__(self, ex: Exchange) -> None:
+        # responses pass the chain bottom to top: the last registered transform first
+        self.transforms: list[EventTransform] = [ErrorNormaliser()]
+        self.transforms.extend(reversed(ex.event_transforms))
+        self.acc = Accumulator() if ex.on_complete else None
+        self.pending = sse.START
+
+    def _through(self, events: list[sse.Event], start: int = 0) -> list[sse.Event]:
+        for t in self.transforms[start:]:
+            out: list[sse.Event] = []
+            for e in events:
+                out.extend(t.on_event(e))
+            events = out
+        return events
+
+    def _emit(self, events: list[sse.Event]) -> bytes:
+        if self.acc is not None:
+            for e in events:
+                if e.data is not None:
+                    self.acc.feed(e.json())
+        return b"".join(sse.encode(e) for e in events)
+
+    def feed(self, chunk: bytes) -> bytes:
+        events, self.pending = sse.parse(self.pending, chunk)
+        return self._emit(self._through(events)) if events else b""
+
+    def end(self) -> bytes:
+        events = sse.flush(self.pending)
+        self.pending = sse.START
+        for t in self.transforms:
+            out: list[sse.Event] = []
+            for e in events:
+                out.extend(t.on_event(e))
+            out.extend(t.on_end())
+            events = out
+        return self._emit(events)
+
+
+async def _relay_stream(
+    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive_seconds: float
+) -> web.StreamResponse:
+    headers = dict(ex.response_headers)
+    headers.update(SSE_HEADERS)
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    await out.prepare(ex.request)
+    STREAMS.inc()
+    try:
+        return await _pump(ex, up, resp, first, keepalive_seconds, out)
+    finally:
+        STREAMS.dec()
+
+
+async def _pump(
+    ex: Exchange,
+    up: Upstream,
+    resp: aiohttp.ClientResponse,
+    first: bytes,
+    keepalive_seconds: float,
+    out: web.StreamResponse,
+) -> web.StreamResponse:
+    keepalive = keepalive_seconds
+    idle = up.cfg.timeouts.idle
+    tick = min(idle, keepalive) if keepalive else idle
+    transformer = _Transformer(ex) if ex.needs_parse else None
+    chunk = first
+    boundary = True
+    silent = 0.0
+    try:
+        while chunk:
+            if transformer is None and boundary and b"error" in chunk:
+                # a backend error event may follow: parse from here on to normalise it
+                transformer = _Transformer(ex)
+            if transformer is None:
+                await out.write(chunk)
+                boundary = chunk.endswith(_BOUNDARIES)
+            else:
+                data = transformer.feed(chunk)
+                if data:
+                    await out.write(data)
+                boundary = not transformer.pending.buf
+            silent = 0.0
+            while True:
+                try:
+                    async with asyncio.timeout(tick):
+                        chunk = await resp.content.readany()
+                    break
+                except TimeoutError:
+                    silent += tick
+                    if silent >= idle:
+                        raise
+                    if boundary:
+                        await out.write(b": keepalive\n\n")
+        if transformer is not None:
+            tail = transformer.end()
+            if tail:
+                await out.write(tail)
+            if transformer.acc is not None:
+                ex.completion = transformer.acc.result()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        # the client went away: stop reading from the backend at once
+        ex.error = "client_disconnected"
+        resp.close()
+        return out
+    except TimeoutError:
+        ex.error = "upstream_idle_timeout"
+        await _stream_error(
+            out,
+            ProxyError(
+                504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"
+            ),
+        )
+        resp.close()
+        return out
+    except (aiohttp.ClientError, OSError) as exc:
+        ex.error = f"upstream_{type(exc).__name__}"
+        await _stream_error(
+            out,
+            ProxyError(
+                502, "The backend failed in the middle of the stream.", code="upstream_reset"
+            ),
+        )
+        resp.close()
+        return out
+    await out.write_eof()
+    if ex.on_complete:
+        await _finish(ex)
+    return out
+
+
+async def _stream_error(out: web.StreamResponse, err: ProxyError) -> None:
+    try:
+        await out.write(sse_error_event(err))
+        await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass

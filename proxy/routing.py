@@ -1,0 +1,128 @@
+"""Upstreams: which backend serves a model, its connection pool and its health.
+
+Routing is by model glob, first match first; upstreams with a `weight` are balanced.
+Passive health: an upstream that fails `circuit.failures` times in a row is skipped
+for `circuit.cooldown` seconds, then tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import UpstreamConfig
+
+log = logging.getLogger("chat_proxy.upstream")
+
+
+class Upstream:
+    """One configured backend: its connection pool and its passive health."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.base = URL(cfg.url) if not cfg.url.startswith("echo:") else URL("http://127.0.0.1")
+        self.session: aiohttp.ClientSession | None = None
+        self.failures = 0
+        self.open_until = 0.0
+        self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+
+    def serves(self, model: str | None) -> bool:
+        name = model or ""
+        return any(fnmatchcase(name, pattern) for pattern in self.cfg.models)
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until > time.monotonic()
+
+    def state(self) -> str:
+        if self.session is None:
+            return "stopped"
+        if self.is_open:
+            return "open"
+        return "degraded" if self.failures else "ok"
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures = 0
+            self.open_until = 0.0
+            return
+        self.failures += 1
+        if self.failures >= self.cfg.circuit.failures:
+            self.open_until = time.monotonic() + self.cfg.circuit.cooldown
+            log.warning(
+                "upstream circuit open",
+                extra={
+                    "upstream": self.name,
+                    "failures": self.failures,
+                    "cooldown": self.cfg.circuit.cooldown,
+                },
+            )
+
+    def url(self, path: str, query: str) -> URL:
+        # path is everything after /v1 (or the bare path for /chat/completions)
+        base = str(self.base).rstrip("/")
+        return URL(base + path + (f"?{query}" if query else ""), encoded=True)
+
+    async def start(self) -> None:
+        if self.cfg.url.startswith("echo:"):
+            from proxy.echo import start_echo
+
+            self.base = await start_echo(self.cfg.url)
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.cfg.url.startswith("echo:"):
+            from proxy.echo import stop_echo
+
+            await stop_echo(self.base)
+
+
+class Upstreams:
+    def __init__(self, configs: Iterable[UpstreamConfig]) -> None:
+        self.all = [Upstream(c) for c in configs]
+        self.keepalive = 0.0
+
+    async def start(self) -> None:
+        for up in self.all:
+            await up.start()
+
+    async def close(self) -> None:
+        for up in self.all:
+            await up.close()
+
+    def candidates(self, model: str | None) -> list[Upstream]:
+        """Upstreams serving `model` in the order to try them: config order, except
+        that upstreams with a `weight` matching alongside the first are balanced."""
+        matching = [u for u in self.all if u.serves(model)]
+        if len(matching) > 1 and matching[0].cfg.weight != 1:
+            weighted = [u for u in matching if u.cfg.weight != 1]
+            rest = [u for u in matching if u.cfg.weight == 1]
+            order: list[Upstream] = []
+            pool = list(weighted)
+            while pool:
+                pick = random.choices(pool, weights=[u.cfg.weight for u in pool])[0]
+                order.append(pick)
+                pool.remove(pick)
+            matching = order + rest
+        return matching
+
+    def states(self) -> dict[str, str]:
+        return {u.name: u.state() for u in self.all}
