@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
 
 from proxy.config import StoreConfig
+from proxy.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
+from proxy.store.memory import MemoryStore
+
+__all__ = [
+    "MemoryStore",
+    "Page",
+    "Session",
+    "SessionStore",
+    "TurnRecord",
+    "UnknownCursor",
+    "open_store",
+]
+
+log = logging.getLogger("chat_proxy")
 
 
-async def open_store(cfg: StoreConfig) -> Any:
-    """Open the configured store."""
-    raise NotImplementedError("stores are not available yet")
+async def open_store(cfg: StoreConfig) -> SessionStore:
+    """Open the configured store. A Redis server that does not answer yet is not an
+    error here: the proxy starts, /readyz reports the store as down until it does."""
+    if cfg.backend == "sqlite":
+        from proxy.store.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(cfg.path)
+    if cfg.backend == "redis":
+        from proxy.store.redis import RedisStore
+
+        store = RedisStore(cfg.url, cfg.prefix)
+        try:
+            await asyncio.wait_for(store.ping(), 3)
+        except Exception as exc:
+            log.warning("the session store does not answer yet: %s", exc)
+        return store
+    return MemoryStore()

@@ -1,0 +1,477 @@
+"""Automatic sessions: which conversation a chat request belongs to, and its record.
+
+Detection, first rule that applies:
+
+1. `elevenlabs_extra_body.conversation_id`: that session (created if new), source
+   `elevenlabs`.
+2. The `X-Session-Id` request header: that session, source `header`.
+3. A single message apart from system and developer messages: a new session.
+4. Several messages: the conversation is matched against what this key has seen.
+
+The matching rule (4). A message is normalised to `[role, text, tool calls]`: text is
+the content (a string, or the text of its parts in order, other parts as canonical
+JSON) with runs of whitespace collapsed and ends trimmed; tool calls are
+`[name, arguments]` with the arguments as canonical JSON (sorted keys) when they
+parse; ids, names, `tool_call_id` and every other field are ignored, and system and
+developer messages are left out wherever they are. After each turn the proxy stores
+digests (SHA-256 of the owner and the normalised messages) of the last 2, 3 and 4
+messages of the conversation ending with the assistant's reply (one set per choice
+when `n > 1`), pointing to the session. A request is looked up by the digest of its
+last min(4, available) messages ending at its LAST assistant message: one key, one
+store round trip. So a client that appends the reply (streamed or not, tool calls
+included) and new messages continues; one that trims old messages continues as long
+as it keeps the last user message and the reply before its new message; a history
+whose only earlier message is one assistant message (a greeting) is not matched,
+since every conversation opening with that greeting would share it. A digest points to
+the session that recorded it last, so identical conversations of one key continue the
+newest session, and a client that edits and resends an earlier message continues the
+session it branched from.
+
+Session writes leave the request's path: a completion callback queues the turn for a
+background writer, which commits within milliseconds. Lookups see queued turns, so a
+client that sends its next message at once still continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field, field_validator
+
+from proxy.chain import BuildContext, register
+from proxy.config import Model
+from proxy.errors import bad_request
+from proxy.exchange import Exchange, Handler, Middleware
+from proxy.store import MemoryStore, SessionStore, TurnRecord
+
+log = logging.getLogger("chat_proxy.session")
+
+SESSION_HEADER = "X-Session-Id"
+SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TAIL = 4  # messages per digest at most (the history ends with an assistant message)
+LOOKUP_TIMEOUT = 2.0  # seconds; a slower store starts a new session instead
+PURGE_EVERY = 3600.0  # seconds between retention purges at most
+MAX_PENDING = 10_000  # queued writes; beyond this turns are dropped (and logged)
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_WS = re.compile(r"\s+")
+_HIDDEN_ROLES = ("system", "developer")
+
+clock: Callable[[], float] = time.time  # the time sessions are stamped with
+
+
+class SessionOptions(Model):
+    store_content: bool = True
+    retention_days: float | None = Field(30, gt=0)
+    forward_header: str | None = SESSION_HEADER
+
+    @field_validator("forward_header")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not _HEADER_NAME.match(value):
+            raise ValueError("must be an HTTP header name")
+        return value
+
+
+# -- normalisation and digests --
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _collapse(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return _collapse(content)
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                parts.append(_canonical(part))
+        return _collapse(" ".join(parts))
+    return _canonical(content)
+
+
+def _arguments(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return _collapse(value)
+    return _canonical(value)
+
+
+def normalise(message: dict[str, Any]) -> list[Any]:
+    """A message as it counts for matching: `[role, text, [[name, arguments], ...]]`."""
+    calls: list[list[str]] = []
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict):
+            fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
+            calls.append([str(fn.get("name") or ""), _arguments(fn.get("arguments"))])
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict):
+        calls.append([str(legacy.get("name") or ""), _arguments(legacy.get("arguments"))])
+    return [str(message.get("role") or ""), _text(message.get("content")), calls]
+
+
+def conversation(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """The messages that count for matching: dicts, without system/developer ones."""
+    return [m for m in messages if isinstance(m, dict) and m.get("role") not in _HIDDEN_ROLES]
+
+
+def digest(owner: str, tail: Sequence[list[Any]]) -> str:
+    data = owner.encode("utf-8", "surrogateescape") + b"\0" + _canonical(list(tail)).encode()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def lookup_digest(owner: str, convo: Sequence[dict[str, Any]]) -> str | None:
+    """The digest of a request's history: its last messages up to and including its
+    last assistant message, or None if it has no history worth matching."""
+    last = None
+    for i in range(len(convo) - 1, -1, -1):
+        if convo[i].get("role") == "assistant":
+            last = i
+            break
+    if last is None or last < 1:
+        return None
+    tail = convo[max(0, last + 1 - TAIL) : last + 1]
+    return digest(owner, [normalise(m) for m in tail])
+
+
+def record_digests(
+    owner: str, convo: Sequence[dict[str, Any]], replies: Sequence[dict[str, Any]]
+) -> tuple[str, ...]:
+    """The digests under which a later request continues this conversation."""
+    before = [normalise(m) for m in convo[-(TAIL - 1) :]] if TAIL > 1 else []
+    out: list[str] = []
+    for reply in replies:
+        full = [*before, normalise(reply)]
+        for length in range(2, min(TAIL, len(full)) + 1):
+            d = digest(owner, full[-length:])
+            if d not in out:
+                out.append(d)
+    return tuple(out)
+
+
+def new_messages(messages: Sequence[Any]) -> list[Any]:
+    """The messages of a request that are new in this turn: those after its last
+    assistant message, or all of them if it has none."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            return list(messages[i + 1 :])
+    return list(messages)
+
+
+# -- what is kept when store_content is false --
+
+
+def _redact_calls(calls: Any) -> list[dict[str, Any]] | None:
+    if not isinstance(calls, list):
+        return None
+    out = []
+    for call in calls:
+        if isinstance(call, dict):
+            fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
+            out.append(
+                {
+                    "id": call.get("id"),
+                    "type": call.get("type"),
+                    "function": {"name": fn.get("name")},
+                }
+            )
+    return out
+
+
+def redact_message(message: Any) -> dict[str, Any]:
+    """A message without text: its role, and the ids and names of tool calls."""
+    if not isinstance(message, dict):
+        return {"role": None}
+    out: dict[str, Any] = {"role": message.get("role")}
+    if isinstance(message.get("tool_call_id"), str):
+        out["tool_call_id"] = message["tool_call_id"]
+    calls = _redact_calls(message.get("tool_calls"))
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+# -- the background writer --
+
+
+class Writer:
+    """Queues turns and writes them in batches off the request path."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.queue: asyncio.Queue[tuple[int, TurnRecord]] = asyncio.Queue()
+        # digests of queued turns: (owner, digest) -> (session id, write number)
+        self.pending: dict[tuple[str, str], tuple[str, int]] = {}
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, rec: TurnRecord) -> None:
+        if self.queue.qsize() >= MAX_PENDING:
+            log.error("session writes are falling behind; a turn of %s was dropped", rec.session_id)
+            return
+        self._seq += 1
+        for d in rec.digests:
+            self.pending[(rec.owner, d)] = (rec.session_id, self._seq)
+        self.queue.put_nowait((self._seq, rec))
+
+    def queued(self, owner: str, d: str) -> str | None:
+        hit = self.pending.get((owner, d))
+        return hit[0] if hit else None
+
+    async def _write(self, records: list[TurnRecord]) -> None:
+        for attempt in range(3):
+            try:
+                await self.store.record_turns(records)
+                return
+            except Exception:
+                if attempt == 2:
+                    log.exception("session store write failed; %d turn(s) lost", len(records))
+                    return
+                await asyncio.sleep(0.1 * (attempt + 1))
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < 200 and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._write([rec for _, rec in batch])
+            finally:
+                for seq, rec in batch:
+                    for d in rec.digests:
+                        if self.pending.get((rec.owner, d), ("", 0))[1] == seq:
+                            del self.pending[(rec.owner, d)]
+                    self.queue.task_done()
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait until every queued turn is written (or the timeout passes)."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.join(), timeout)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="session-writer")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await self.flush(timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+# -- the middleware --
+
+
+def _new_id() -> str:
+    return "sess_" + uuid.uuid4().hex
+
+
+def _key_id(ex: Exchange) -> str | None:
+    identity = ex.identity
+    return identity.id if identity is not None and not identity.anonymous else None
+
+
+def _client_id(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not SAFE_ID.match(value):
+        raise bad_request(
+            f"`{param}` must be 1 to 128 letters, digits, '.', '_', ':' or '-'.",
+            param=param,
+            code="invalid_session_id",
+        )
+    return value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@register("session", SessionOptions)
+def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
+    store: SessionStore = ctx.store if ctx.store is not None else MemoryStore()
+    writer = Writer(store)
+    retention = options.retention_days * 86400 if options.retention_days else None
+    purger: list[asyncio.Task[None]] = []
+
+    async def purge_loop(every: float) -> None:
+        assert retention is not None
+        while True:
+            try:
+                n = await store.purge(clock() - retention)
+                if n:
+                    log.info("purged %d session(s) older than %g days", n, options.retention_days)
+            except Exception as exc:
+                log.warning("session purge failed: %s", exc)
+            await asyncio.sleep(every)
+
+    async def start() -> None:
+        writer.start()
+        if retention is not None:
+            every = min(PURGE_EVERY, max(1.0, retention / 10))
+            purger.append(asyncio.create_task(purge_loop(every), name="session-purge"))
+
+    async def stop() -> None:
+        for task in purger:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        purger.clear()
+        await writer.stop()
+
+    ctx.startup.append(start)
+    ctx.shutdown.append(stop)
+
+    from proxy.sessions_api import sessions_api
+
+    ctx.services["sessions_api"] = sessions_api(store, writer)
+
+    async def find(owner: str, convo: list[dict[str, Any]]) -> str | None:
+        d = lookup_digest(owner, convo)
+        if d is None:
+            return None
+        queued = writer.queued(owner, d)
+        if queued is not None:
+            return queued
+        try:
+            return await asyncio.wait_for(store.find_session(owner, d), LOOKUP_TIMEOUT)
+        except Exception as exc:
+            log.warning("session lookup failed, starting a new session: %s", exc)
+            return None
+
+    async def middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        body = ex.body
+        if ex.route != "chat" or body is None:
+            return await call_next(ex)
+        eleven = body.pop("elevenlabs_extra_body", None)
+        if "elevenlabs_extra_body" in ex.extra:
+            eleven = ex.extra["elevenlabs_extra_body"]
+        raw = body.get("messages")
+        messages: list[Any] = raw if isinstance(raw, list) else []
+        convo = conversation(messages)
+        owner = ex.client_id
+
+        conversation_id = eleven.get("conversation_id") if isinstance(eleven, dict) else None
+        header = ex.request.headers.get(SESSION_HEADER, "").strip()
+        found: str | None = None
+        if conversation_id is not None and conversation_id != "":
+            sid = _client_id(conversation_id, "elevenlabs_extra_body.conversation_id")
+            source = "elevenlabs"
+        elif header:
+            sid, source = _client_id(header, SESSION_HEADER), "header"
+        elif len(convo) > 1 and (found := await find(owner, convo)) is not None:
+            sid, source = found, "continued"
+        else:
+            sid, source = _new_id(), "new"
+
+        ex.session_id = sid
+        ex.response_headers[SESSION_HEADER] = sid
+        if options.forward_header:
+            ex.upstream_headers[options.forward_header] = sid
+        ex.log["session_source"] = source
+
+        fresh = new_messages(messages)
+        opening = (
+            list(messages)
+            if source in ("elevenlabs", "header") and len(fresh) < len(messages)
+            else None
+        )
+
+        def record(ex: Exchange) -> None:
+            doc = ex.completion
+            if not isinstance(doc, dict):
+                return
+            choices = sorted(
+                (c for c in doc.get("choices") or () if isinstance(c, dict)),
+                key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0,
+            )
+            if not choices:
+                return
+            replies = [
+                c["message"] if isinstance(c.get("message"), dict) else {"role": "assistant"}
+                for c in choices
+            ]
+            reply = replies[0]
+            usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
+            at = clock()
+            model = doc.get("model") if isinstance(doc.get("model"), str) else ex.model
+            turn_messages: list[Any] = copy.deepcopy(fresh)
+            first_messages: list[Any] | None = (
+                copy.deepcopy(opening) if opening is not None else None
+            )
+            response: dict[str, Any] = {
+                "role": "assistant",
+                "content": reply.get("content"),
+                "tool_calls": reply.get("tool_calls") or None,
+            }
+            if not options.store_content:
+                turn_messages = [redact_message(m) for m in turn_messages]
+                if first_messages is not None:
+                    first_messages = [redact_message(m) for m in first_messages]
+                response = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": _redact_calls(reply.get("tool_calls")) or None,
+                }
+            turn = {
+                "created": int(at),
+                "messages": turn_messages,
+                "response": response,
+                "finish_reason": choices[0].get("finish_reason"),
+                "model": model,
+                "usage": usage,
+                "latency_ms": round(ex.elapsed_ms()),
+            }
+            writer.submit(
+                TurnRecord(
+                    owner=owner,
+                    session_id=sid,
+                    at=at,
+                    source=source,
+                    key_id=_key_id(ex),
+                    model=model,
+                    turn=turn,
+                    opening=first_messages,
+                    prompt_tokens=_int(usage.get("prompt_tokens")) if usage else 0,
+                    completion_tokens=_int(usage.get("completion_tokens")) if usage else 0,
+                    total_tokens=_int(usage.get("total_tokens")) if usage else 0,
+                    digests=record_digests(owner, convo, replies),
+                    digest_ttl=retention,
+                )
+            )
+
+        # first, so that the turn is queued before anything else can yield
+        ex.on_complete.insert(0, record)
+        return await call_next(ex)
+
+    return middleware

@@ -1,0 +1,133 @@
+"""The Sessions API: GET /v1/sessions, GET and DELETE /v1/sessions/{id}.
+
+A caller sees only its own sessions (those recorded under its key, or its address
+without auth): another caller's session id answers 404 exactly like an unknown one.
+Scopes (sessions:read, sessions:write) are checked by the auth middleware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from proxy.errors import ProxyError, bad_request, not_found
+from proxy.exchange import Exchange
+from proxy.store import Session, SessionStore, UnknownCursor
+
+if TYPE_CHECKING:
+    from proxy.middleware.session import Writer
+
+PREFIX = "/v1/sessions"
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+SessionsApi = Callable[[Exchange], Awaitable[web.StreamResponse]]
+
+
+def session_object(s: Session, *, turns: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": s.id,
+        "object": "session",
+        "created": int(s.created),
+        "updated": int(s.updated),
+        "source": s.source,
+        "key_id": s.key_id,
+        "model": s.model,
+        "turn_count": s.turn_count,
+        "usage": {
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "total_tokens": s.total_tokens,
+        },
+    }
+    if turns:
+        doc["turns"] = s.turns or []
+    return doc
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    value = raw.strip()
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise bad_request(
+            f"`limit` must be an integer from 1 to {MAX_LIMIT}; you sent {raw!r}.", param="limit"
+        )
+    return int(value)
+
+
+def _unknown(session_id: str) -> ProxyError:
+    return not_found(f"No session found with id '{session_id}'.")
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> ProxyError:
+    return ProxyError(
+        405,
+        f"Method {method} is not allowed on {path}; use {allowed}.",
+        code="method_not_allowed",
+        headers={"Allow": allowed.replace(" or ", ", ")},
+    )
+
+
+def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
+    """The handler the app routes /v1/sessions* to."""
+
+    async def list_sessions(ex: Exchange) -> web.StreamResponse:
+        query = ex.request.query
+        limit = _limit(query.get("limit"))
+        after = query.get("after") or None
+        await writer.flush()
+        try:
+            page = await store.list_sessions(ex.client_id, limit, after)
+        except UnknownCursor:
+            raise bad_request(
+                f"`after` names no session of yours: {after!r}.", param="after"
+            ) from None
+        data = [session_object(s) for s in page.data]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": page.has_more,
+            },
+            headers=ex.response_headers,
+        )
+
+    async def get_session(ex: Exchange, session_id: str) -> web.StreamResponse:
+        await writer.flush()
+        session = await store.get_session(ex.client_id, session_id)
+        if session is None:
+            raise _unknown(session_id)
+        return web.json_response(session_object(session, turns=True), headers=ex.response_headers)
+
+    async def delete_session(ex: Exchange, session_id: str) -> web.StreamResponse:
+        await writer.flush()
+        if not await store.delete_session(ex.client_id, session_id):
+            raise _unknown(session_id)
+        return web.json_response(
+            {"id": session_id, "object": "session.deleted", "deleted": True},
+            headers=ex.response_headers,
+        )
+
+    async def handle(ex: Exchange) -> web.StreamResponse:
+        request = ex.request
+        method, path = request.method, request.path
+        rest = path[len(PREFIX) :]
+        if rest in ("", "/"):
+            if method != "GET":
+                raise _method_not_allowed(method, path, "GET")
+            return await list_sessions(ex)
+        session_id = rest[1:]
+        if "/" in session_id or not rest.startswith("/"):
+            raise not_found(f"Unknown path {path}.")
+        if method == "GET":
+            return await get_session(ex, session_id)
+        if method == "DELETE":
+            return await delete_session(ex, session_id)
+        raise _method_not_allowed(method, path, "GET or DELETE")
+
+    return handle

@@ -1,0 +1,127 @@
+"""The session store protocol and the records that cross it.
+
+A session belongs to an owner (the API key id, or `ip:ADDR` without auth): every
+method takes the owner, and the same session id under two owners is two sessions.
+Writes come from one background writer per process, in batches; reads come from the
+request path (`find_session`, one round trip) and from the Sessions API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class UnknownCursor(LookupError):
+    """`after` names a session the owner does not have."""
+
+
+@dataclass(slots=True)
+class Session:
+    """A session as stored: its counters, and its turns when asked for."""
+
+    id: str
+    created: float
+    updated: float
+    source: str
+    key_id: str | None
+    model: str | None
+    turn_count: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    turns: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One completed turn to append to a session (created by the write if absent).
+
+    `opening` replaces the turn's messages when this write creates the session, so
+    the first turn of a session named by the client keeps the whole context it was
+    started with. `digests` index the conversation as it stands after the turn, for
+    continuation; a digest always points to the session that wrote it last.
+    """
+
+    owner: str
+    session_id: str
+    at: float
+    source: str
+    key_id: str | None
+    model: str | None
+    turn: dict[str, Any]
+    opening: list[Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    digests: tuple[str, ...] = ()
+    # how long an index entry is worth keeping (Redis expires it; None: forever)
+    digest_ttl: float | None = None
+
+    def first_turn(self) -> dict[str, Any]:
+        if self.opening is None:
+            return self.turn
+        return {**self.turn, "messages": self.opening}
+
+
+@dataclass(slots=True)
+class Page:
+    data: list[Session] = field(default_factory=list)
+    has_more: bool = False
+
+
+class SessionStore(Protocol):
+    """What the session middleware and the Sessions API need of a store."""
+
+    async def find_session(self, owner: str, digest: str) -> str | None:
+        """The id of the owner's existing session indexed under `digest`, if any."""
+        ...
+
+    async def record_turns(self, records: Sequence[TurnRecord]) -> None:
+        """Append each turn to its session, atomically per turn."""
+        ...
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        """One session with its turns, oldest turn first."""
+        ...
+
+    async def list_sessions(self, owner: str, limit: int, after: str | None = None) -> Page:
+        """The owner's sessions, most recently updated first (ties: higher id first),
+        starting after the session `after`; raises UnknownCursor if it is not one."""
+        ...
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        """Remove a session, its turns and its index entries; False if absent."""
+        ...
+
+    async def purge(self, before: float) -> int:
+        """Remove every session not updated since `before` (Unix time); how many."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def session_from_row(row: dict[str, Any], session_id: str) -> Session:
+    """A Session from string-valued fields (Redis hashes)."""
+
+    def num(name: str) -> int:
+        try:
+            return int(row.get(name) or 0)
+        except ValueError:
+            return 0
+
+    return Session(
+        id=session_id,
+        created=float(row.get("created") or 0),
+        updated=float(row.get("updated") or 0),
+        source=str(row.get("source") or "new"),
+        key_id=row.get("key_id") or None,
+        model=row.get("model") or None,
+        turn_count=num("turn_count"),
+        prompt_tokens=num("prompt_tokens"),
+        completion_tokens=num("completion_tokens"),
+        total_tokens=num("total_tokens"),
+    )

@@ -1,0 +1,94 @@
+"""Sessions in process memory: for tests, demos and single-process deployments that
+do not need sessions to survive a restart."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+
+from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
+
+Key = tuple[str, str]
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._sessions: dict[Key, Session] = {}
+        self._index: dict[Key, str] = {}  # (owner, digest) -> session id
+        self._digests: dict[Key, set[str]] = {}  # (owner, session id) -> its digests
+
+    async def find_session(self, owner: str, digest: str) -> str | None:
+        sid = self._index.get((owner, digest))
+        if sid is None or (owner, sid) not in self._sessions:
+            return None
+        return sid
+
+    async def record_turns(self, records: Sequence[TurnRecord]) -> None:
+        for rec in records:
+            key = (rec.owner, rec.session_id)
+            session = self._sessions.get(key)
+            if session is None:
+                session = Session(
+                    id=rec.session_id,
+                    created=rec.at,
+                    updated=rec.at,
+                    source=rec.source,
+                    key_id=rec.key_id,
+                    model=rec.model,
+                    turns=[],
+                )
+                self._sessions[key] = session
+                turn = rec.first_turn()
+            else:
+                turn = rec.turn
+            session.updated = max(session.updated, rec.at)
+            session.source = rec.source
+            if rec.model:
+                session.model = rec.model
+            session.turn_count += 1
+            session.prompt_tokens += rec.prompt_tokens
+            session.completion_tokens += rec.completion_tokens
+            session.total_tokens += rec.total_tokens
+            assert session.turns is not None
+            session.turns.append(copy.deepcopy(turn))
+            for digest in rec.digests:
+                self._index[(rec.owner, digest)] = rec.session_id
+                self._digests.setdefault(key, set()).add(digest)
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        session = self._sessions.get((owner, session_id))
+        return copy.deepcopy(session) if session is not None else None
+
+    async def list_sessions(self, owner: str, limit: int, after: str | None = None) -> Page:
+        mine = [s for (o, _), s in self._sessions.items() if o == owner]
+        mine.sort(key=lambda s: (s.updated, s.id), reverse=True)
+        start = 0
+        if after is not None:
+            ids = [s.id for s in mine]
+            if after not in ids:
+                raise UnknownCursor(after)
+            start = ids.index(after) + 1
+        chunk = mine[start : start + limit]
+        return Page([replace(s, turns=None) for s in chunk], start + limit < len(mine))
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        key = (owner, session_id)
+        if self._sessions.pop(key, None) is None:
+            return False
+        for digest in self._digests.pop(key, set()):
+            if self._index.get((owner, digest)) == session_id:
+                del self._index[(owner, digest)]
+        return True
+
+    async def purge(self, before: float) -> int:
+        old = [key for key, s in self._sessions.items() if s.updated < before]
+        for owner, sid in old:
+            await self.delete_session(owner, sid)
+        return len(old)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

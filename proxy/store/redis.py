@@ -1,0 +1,223 @@
+"""Sessions in Redis, shared by every replica and worker (redis.asyncio).
+
+Keys, under the configured prefix P, with O a digest of the owner (so that any owner
+string makes a safe key part):
+
+- `P session:O:ID`   hash of the session's fields and counters
+- `P turns:O:ID`     list of turns (JSON), oldest first
+- `P digests:O:ID`   set of the history digests that point to the session
+- `P history:O:D`    string: the session id indexed under digest D (expires with retention)
+- `P sessions:O`     sorted set of the owner's session ids by last update
+- `P sessions`       sorted set of `O:ID` by last update (for the retention purge)
+
+Recording a turn and deleting a session are Lua scripts: each is atomic, so replicas
+writing to one session concurrently never lose a turn or a token. The scripts build
+some key names from the prefix, which suits one Redis server or a replicated pair,
+not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy.store.base import Page, Session, TurnRecord, UnknownCursor, session_from_row
+
+_FIND = """
+local sid = redis.call('GET', KEYS[1])
+if sid and redis.call('EXISTS', ARGV[1] .. sid) == 1 then return sid end
+return false
+"""
+
+# KEYS: session, turns, digests, owner's sessions, all sessions
+# ARGV: 1 id, 2 at, 3 source, 4 key_id, 5 model, 6-8 usage, 9 turn, 10 first turn,
+#       11 member of all sessions, 12 history key prefix, 13 ttl seconds (0: none),
+#       14.. digests
+_RECORD = """
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'created', ARGV[2], 'updated', ARGV[2], 'source', ARGV[3],
+    'key_id', ARGV[4], 'model', ARGV[5], 'turn_count', 0, 'prompt_tokens', 0,
+    'completion_tokens', 0, 'total_tokens', 0)
+  created = 1
+end
+local updated = redis.call('HGET', KEYS[1], 'updated')
+if tonumber(ARGV[2]) > tonumber(updated) then
+  updated = ARGV[2]
+  redis.call('HSET', KEYS[1], 'updated', updated)
+end
+redis.call('HSET', KEYS[1], 'source', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'model', ARGV[5]) end
+redis.call('HINCRBY', KEYS[1], 'turn_count', 1)
+redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[7])
+redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[8])
+if created == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[10])
+else
+  redis.call('RPUSH', KEYS[2], ARGV[9])
+end
+redis.call('ZADD', KEYS[4], updated, ARGV[1])
+redis.call('ZADD', KEYS[5], updated, ARGV[11])
+local ttl = tonumber(ARGV[13])
+for i = 14, #ARGV do
+  local key = ARGV[12] .. ARGV[i]
+  if ttl > 0 then
+    redis.call('SET', key, ARGV[1], 'EX', ttl)
+  else
+    redis.call('SET', key, ARGV[1])
+  end
+  redis.call('SADD', KEYS[3], ARGV[i])
+end
+return created
+"""
+
+# KEYS: session, turns, digests, owner's sessions, all sessions
+# ARGV: 1 id, 2 member of all sessions, 3 history key prefix
+_DELETE = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+for _, digest in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local key = ARGV[3] .. digest
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[2])
+return existed
+"""
+
+
+def _owner_key(owner: str) -> str:
+    return hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.prefix = prefix
+        self._r: aioredis.Redis = aioredis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+        )
+        self._find = self._r.register_script(_FIND)
+        self._record = self._r.register_script(_RECORD)
+        self._delete = self._r.register_script(_DELETE)
+
+    def _keys(self, o: str, sid: str) -> list[str]:
+        p = self.prefix
+        return [
+            f"{p}session:{o}:{sid}",
+            f"{p}turns:{o}:{sid}",
+            f"{p}digests:{o}:{sid}",
+            f"{p}sessions:{o}",
+            f"{p}sessions",
+        ]
+
+    async def find_session(self, owner: str, digest: str) -> str | None:
+        o = _owner_key(owner)
+        found = await self._find(
+            keys=[f"{self.prefix}history:{o}:{digest}"], args=[f"{self.prefix}session:{o}:"]
+        )
+        return str(found) if found else None
+
+    async def record_turns(self, records: Sequence[TurnRecord]) -> None:
+        if not records:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for rec in records:
+                o = _owner_key(rec.owner)
+                turn = json.dumps(rec.turn, ensure_ascii=False)
+                first = (
+                    turn
+                    if rec.opening is None
+                    else json.dumps(rec.first_turn(), ensure_ascii=False)
+                )
+                ttl = max(1, int(rec.digest_ttl)) if rec.digest_ttl else 0
+                args: list[Any] = [
+                    rec.session_id,
+                    repr(rec.at),
+                    rec.source,
+                    rec.key_id or "",
+                    rec.model or "",
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.total_tokens,
+                    turn,
+                    first,
+                    f"{o}:{rec.session_id}",
+                    f"{self.prefix}history:{o}:",
+                    ttl,
+                    *rec.digests,
+                ]
+                await self._record(keys=self._keys(o, rec.session_id), args=args, client=pipe)
+            await pipe.execute()
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        keys = self._keys(_owner_key(owner), session_id)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys[0])
+            pipe.lrange(keys[1], 0, -1)
+            row, turns = await pipe.execute()
+        if not row:
+            return None
+        session = session_from_row(row, session_id)
+        session.turns = [json.loads(t) for t in turns]
+        return session
+
+    async def list_sessions(self, owner: str, limit: int, after: str | None = None) -> Page:
+        o = _owner_key(owner)
+        index = f"{self.prefix}sessions:{o}"
+        start = 0
+        if after is not None:
+            rank: Any = await self._r.zrevrank(index, after)
+            if rank is None:
+                raise UnknownCursor(after)
+            start = int(rank) + 1
+        ids = [str(m) for m in await self._r.zrevrange(index, start, start + limit)]
+        if not ids:
+            return Page()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for sid in ids[:limit]:
+                pipe.hgetall(f"{self.prefix}session:{o}:{sid}")
+            rows = await pipe.execute()
+        data = [session_from_row(row, sid) for sid, row in zip(ids, rows, strict=False) if row]
+        return Page(data, len(ids) > limit)
+
+    async def _delete_many(self, pairs: Sequence[tuple[str, str]]) -> int:
+        if not pairs:
+            return 0
+        async with self._r.pipeline(transaction=False) as pipe:
+            for o, sid in pairs:
+                await self._delete(
+                    keys=self._keys(o, sid),
+                    args=[sid, f"{o}:{sid}", f"{self.prefix}history:{o}:"],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return sum(1 for r in results if int(r) > 0)
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        return await self._delete_many([(_owner_key(owner), session_id)]) > 0
+
+    async def purge(self, before: float) -> int:
+        total = 0
+        while True:
+            members = [
+                str(m)
+                for m in await self._r.zrangebyscore(
+                    f"{self.prefix}sessions", "-inf", f"({before!r}", start=0, num=500
+                )
+            ]
+            if not members:
+                return total
+            pairs = [(m.partition(":")[0], m.partition(":")[2]) for m in members]
+            total += await self._delete_many(pairs)
+
+    async def ping(self) -> bool:
+        return bool(await self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()

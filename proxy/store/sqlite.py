@@ -1,0 +1,321 @@
+"""Sessions in a SQLite file (the standard library's sqlite3).
+
+The file is in WAL mode: readers never wait for the writer, and a process killed at
+any moment leaves a consistent file (each batch of turns is one transaction, committed
+as soon as the writer takes it). Each connection lives in its own thread: one for
+writes, one for reads, so a slow write never holds up a continuation lookup. Several
+worker processes may share one file; they take turns on its write lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    owner TEXT NOT NULL,
+    id TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    source TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT,
+    turn_count INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated, id);
+CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions (updated);
+CREATE TABLE IF NOT EXISTS turns (
+    owner TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (owner, session_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    owner TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (owner, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_by_session ON history (owner, session_id);
+"""
+
+_COLUMNS = (
+    "id, created, updated, source, key_id, model, turn_count, prompt_tokens, "
+    "completion_tokens, total_tokens"
+)
+
+
+def _session(row: Sequence[Any]) -> Session:
+    return Session(*row)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    con = sqlite3.connect(path, timeout=10, isolation_level=None)
+    con.execute("PRAGMA busy_timeout = 10000")
+    con.execute("PRAGMA synchronous = NORMAL")
+    con.execute("PRAGMA foreign_keys = OFF")
+    return con
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        self._wcon: sqlite3.Connection | None = None
+        self._rcon: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str) -> SQLiteStore:
+        store = cls(path)
+        await store._write(store._init_writer)
+        await store._read(store._init_reader)
+        return store
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    async def _read(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
+
+    # -- set-up (in the connection's own thread) --
+
+    def _init_writer(self) -> None:
+        Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        con = _connect(self.path)
+        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"cannot put {self.path} in WAL mode (got {mode})")
+        con.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("COMMIT")
+        self._wcon = con
+
+    def _init_reader(self) -> None:
+        self._rcon = _connect(self.path)
+
+    # -- reads --
+
+    async def find_session(self, owner: str, digest: str) -> str | None:
+        def run() -> str | None:
+            assert self._rcon is not None
+            row = self._rcon.execute(
+                "SELECT h.session_id FROM history h JOIN sessions s "
+                "ON s.owner = h.owner AND s.id = h.session_id "
+                "WHERE h.owner = ? AND h.digest = ?",
+                (owner, digest),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._read(run)
+
+    async def get_session(self, owner: str, session_id: str) -> Session | None:
+        def run() -> Session | None:
+            con = self._rcon
+            assert con is not None
+            con.execute("BEGIN")
+            try:
+                row = con.execute(
+                    f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? AND id = ?",
+                    (owner, session_id),
+                ).fetchone()
+                if row is None:
+                    return None
+                session = _session(row)
+                session.turns = [
+                    json.loads(data)
+                    for (data,) in con.execute(
+                        "SELECT data FROM turns WHERE owner = ? AND session_id = ? ORDER BY seq",
+                        (owner, session_id),
+                    )
+                ]
+                return session
+            finally:
+                con.execute("COMMIT")
+
+        return await self._read(run)
+
+    async def list_sessions(self, owner: str, limit: int, after: str | None = None) -> Page:
+        def run() -> Page:
+            con = self._rcon
+            assert con is not None
+            con.execute("BEGIN")
+            try:
+                if after is None:
+                    rows = con.execute(
+                        f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? "
+                        "ORDER BY updated DESC, id DESC LIMIT ?",
+                        (owner, limit + 1),
+                    ).fetchall()
+                else:
+                    cursor = con.execute(
+                        "SELECT updated FROM sessions WHERE owner = ? AND id = ?", (owner, after)
+                    ).fetchone()
+                    if cursor is None:
+                        raise UnknownCursor(after)
+                    rows = con.execute(
+                        f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? "
+                        "AND (updated < ? OR (updated = ? AND id < ?)) "
+                        "ORDER BY updated DESC, id DESC LIMIT ?",
+                        (owner, cursor[0], cursor[0], after, limit + 1),
+                    ).fetchall()
+            finally:
+                con.execute("COMMIT")
+            return Page([_session(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._read(run)
+
+    # -- writes --
+
+    async def record_turns(self, records: Sequence[TurnRecord]) -> None:
+        if not records:
+            return
+        # serialise here, not in the writer thread: the records are the caller's
+        prepared = [
+            (
+                rec,
+                json.dumps(rec.turn, ensure_ascii=False),
+                json.dumps(rec.first_turn(), ensure_ascii=False),
+            )
+            for rec in records
+        ]
+
+        def run() -> None:
+            con = self._wcon
+            assert con is not None
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for rec, turn, first in prepared:
+                    created = con.execute(
+                        "INSERT INTO sessions (owner, id, created, updated, source, key_id, model) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, id) DO NOTHING",
+                        (
+                            rec.owner,
+                            rec.session_id,
+                            rec.at,
+                            rec.at,
+                            rec.source,
+                            rec.key_id,
+                            rec.model,
+                        ),
+                    ).rowcount
+                    (seq,) = con.execute(
+                        "UPDATE sessions SET updated = max(updated, ?), source = ?, "
+                        "model = coalesce(?, model), turn_count = turn_count + 1, "
+                        "prompt_tokens = prompt_tokens + ?, "
+                        "completion_tokens = completion_tokens + ?, "
+                        "total_tokens = total_tokens + ? "
+                        "WHERE owner = ? AND id = ? RETURNING turn_count",
+                        (
+                            rec.at,
+                            rec.source,
+                            rec.model,
+                            rec.prompt_tokens,
+                            rec.completion_tokens,
+                            rec.total_tokens,
+                            rec.owner,
+                            rec.session_id,
+                        ),
+                    ).fetchall()[0]
+                    con.execute(
+                        "INSERT OR REPLACE INTO turns (owner, session_id, seq, data) VALUES (?, ?, ?, ?)",
+                        (rec.owner, rec.session_id, seq, first if created else turn),
+                    )
+                    con.executemany(
+                        "INSERT INTO history (owner, digest, session_id) VALUES (?, ?, ?) "
+                        "ON CONFLICT (owner, digest) DO UPDATE SET session_id = excluded.session_id",
+                        [(rec.owner, d, rec.session_id) for d in rec.digests],
+                    )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+        await self._write(run)
+
+    def _delete(self, con: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:
+        """Delete the sessions selected by `where` (on sessions s) with their rows."""
+        sub = f"SELECT s.owner, s.id FROM sessions s WHERE {where}"
+        con.execute(f"DELETE FROM turns WHERE (owner, session_id) IN ({sub})", args)
+        con.execute(f"DELETE FROM history WHERE (owner, session_id) IN ({sub})", args)
+        return con.execute(f"DELETE FROM sessions WHERE (owner, id) IN ({sub})", args).rowcount
+
+    async def delete_session(self, owner: str, session_id: str) -> bool:
+        def run() -> bool:
+            con = self._wcon
+            assert con is not None
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._delete(con, "s.owner = ? AND s.id = ?", (owner, session_id))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return n > 0
+
+        return await self._write(run)
+
+    async def purge(self, before: float) -> int:
+        def run() -> int:
+            con = self._wcon
+            assert con is not None
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._delete(con, "s.updated < ?", (before,))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return n
+
+        return await self._write(run)
+
+    async def ping(self) -> bool:
+        def run() -> bool:
+            assert self._rcon is not None
+            return bool(self._rcon.execute("SELECT 1").fetchone() == (1,))
+
+        return await self._read(run)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def close_writer() -> None:
+            if self._wcon is not None:
+                try:
+                    self._wcon.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    self._wcon.close()
+                    self._wcon = None
+
+        def close_reader() -> None:
+            if self._rcon is not None:
+                self._rcon.close()
+                self._rcon = None
+
+        try:
+            await self._read(close_reader)
+            await self._write(close_writer)
+        finally:
+            self._reader.shutdown(wait=False)
+            self._writer.shutdown(wait=False)

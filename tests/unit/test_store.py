@@ -1,0 +1,344 @@
+"""One suite for every session store: memory, SQLite (a temporary file) and Redis
+(127.0.0.1:6379, a fresh key prefix per test, removed afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.config import StoreConfig
+from proxy.store import MemoryStore, SessionStore, TurnRecord, UnknownCursor, open_store
+
+Opener = Callable[[], Awaitable[SessionStore]]
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens the store under test; a second call opens another instance on the same
+    data (another process, replica or restart), except for memory (the same one)."""
+    backend: str = request.param
+    prefix = f"chat-proxy-test:{uuid.uuid4().hex}:"
+    opened: list[SessionStore] = []
+
+    async def open_() -> SessionStore:
+        if backend == "memory" and opened:
+            return opened[0]
+        cfg = StoreConfig(
+            backend=backend, path=str(tmp_path / "sessions.db"), url=REDIS_URL, prefix=prefix
+        )  # type: ignore[arg-type]
+        store = await open_store(cfg)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        await store.close()
+    if backend == "redis":
+        r = aioredis.from_url(REDIS_URL)
+        keys = [k async for k in r.scan_iter(match=prefix + "*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+@pytest.fixture
+async def store(opener: Opener) -> SessionStore:
+    return await opener()
+
+
+def turn_record(
+    owner: str = "key-a",
+    sid: str = "sess_1",
+    at: float = 1_700_000_000.0,
+    *,
+    text: str = "hello",
+    source: str = "new",
+    usage: tuple[int, int, int] = (3, 2, 5),
+    digests: tuple[str, ...] = (),
+    opening: list[Any] | None = None,
+    model: str | None = "m1",
+) -> TurnRecord:
+    return TurnRecord(
+        owner=owner,
+        session_id=sid,
+        at=at,
+        source=source,
+        key_id=owner,
+        model=model,
+        turn={
+            "created": int(at),
+            "messages": [{"role": "user", "content": text}],
+            "response": {"role": "assistant", "content": f"re: {text}", "tool_calls": None},
+            "finish_reason": "stop",
+            "model": model,
+            "usage": {
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+                "total_tokens": usage[2],
+            },
+            "latency_ms": 12,
+        },
+        opening=opening,
+        prompt_tokens=usage[0],
+        completion_tokens=usage[1],
+        total_tokens=usage[2],
+        digests=digests,
+        digest_ttl=3600,
+    )
+
+
+async def test_a_turn_creates_the_session_and_the_next_appends(store: SessionStore) -> None:
+    opening = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"}]
+    await store.record_turns([turn_record(text="first", opening=opening, source="header")])
+    await store.record_turns(
+        [
+            turn_record(
+                at=1_700_000_060.5,
+                text="second ✓ ünïcode",
+                opening=opening,
+                source="continued",
+                model="m2",
+            )
+        ]
+    )
+    session = await store.get_session("key-a", "sess_1")
+    assert session is not None
+    assert session.id == "sess_1"
+    assert session.created == 1_700_000_000.0
+    assert session.updated == 1_700_000_060.5
+    assert session.source == "continued"
+    assert session.key_id == "key-a"
+    assert session.model == "m2"
+    assert (
+        session.turn_count,
+        session.prompt_tokens,
+        session.completion_tokens,
+        session.total_tokens,
+    ) == (2, 6, 4, 10)
+    assert session.turns is not None
+    # the opening messages replace the first turn's only
+    assert [t["messages"] for t in session.turns] == [
+        opening,
+        [{"role": "user", "content": "second ✓ ünïcode"}],
+    ]
+    assert session.turns[1]["response"]["content"] == "re: second ✓ ünïcode"
+    assert session.turns[1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+
+
+async def test_an_unknown_session_is_none(store: SessionStore) -> None:
+    assert await store.get_session("key-a", "sess_nope") is None
+    assert await store.delete_session("key-a", "sess_nope") is False
+
+
+async def test_find_by_digest_sees_only_the_owners_existing_sessions(store: SessionStore) -> None:
+    await store.record_turns([turn_record(digests=("d1", "d2"))])
+    assert await store.find_session("key-a", "d1") == "sess_1"
+    assert await store.find_session("key-a", "d2") == "sess_1"
+    assert await store.find_session("key-b", "d1") is None
+    assert await store.find_session("key-a", "d3") is None
+    # a digest points to the session that recorded it last
+    await store.record_turns([turn_record(sid="sess_2", at=1_700_000_100.0, digests=("d2",))])
+    assert await store.find_session("key-a", "d2") == "sess_2"
+    assert await store.find_session("key-a", "d1") == "sess_1"
+    # a deleted session is found no more, and its digests do not reach the other one
+    assert await store.delete_session("key-a", "sess_1") is True
+    assert await store.find_session("key-a", "d1") is None
+    assert await store.find_session("key-a", "d2") == "sess_2"
+
+
+async def test_one_id_under_two_owners_is_two_sessions(store: SessionStore) -> None:
+    await store.record_turns(
+        [
+            turn_record(owner="key-a", sid="conv-1", text="from a"),
+            turn_record(owner="key-b", sid="conv-1", text="from b", usage=(10, 10, 20)),
+            turn_record(owner="key-b", sid="conv-1", text="again b", usage=(10, 10, 20)),
+        ]
+    )
+    a = await store.get_session("key-a", "conv-1")
+    b = await store.get_session("key-b", "conv-1")
+    assert a is not None and b is not None
+    assert (a.turn_count, a.total_tokens) == (1, 5)
+    assert (b.turn_count, b.total_tokens) == (2, 40)
+    assert a.turns is not None and [t["messages"][0]["content"] for t in a.turns] == ["from a"]
+    assert await store.delete_session("key-c", "conv-1") is False
+    assert await store.delete_session("key-a", "conv-1") is True
+    assert await store.get_session("key-a", "conv-1") is None
+    assert await store.get_session("key-b", "conv-1") is not None
+    assert [s.id for s in (await store.list_sessions("key-b", 10)).data] == ["conv-1"]
+
+
+async def test_list_is_newest_first_and_pages_with_after(store: SessionStore) -> None:
+    times = {"s-a": 10.0, "s-b": 30.0, "s-c": 20.0, "s-d": 30.0, "s-e": 40.5, "s-f": 5.0}
+    await store.record_turns(
+        [turn_record(sid=sid, at=1_700_000_000 + t) for sid, t in times.items()]
+    )
+    await store.record_turns([turn_record(owner="key-b", sid="other", at=1_800_000_000.0)])
+    expected = ["s-e", "s-d", "s-b", "s-c", "s-a", "s-f"]  # ties: the higher id first
+    first = await store.list_sessions("key-a", 20)
+    assert [s.id for s in first.data] == expected
+    assert first.has_more is False
+    assert first.data[0].turns is None
+    assert first.data[0].total_tokens == 5
+
+    seen: list[str] = []
+    after: str | None = None
+    pages = 0
+    while True:
+        page = await store.list_sessions("key-a", 4 if pages == 0 else 1, after)
+        pages += 1
+        seen.extend(s.id for s in page.data)
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+        assert pages < 10
+    assert seen == expected
+    assert pages == 3  # 4 + 1 + 1, the last one saying there is no more
+
+    exact = await store.list_sessions("key-a", 6)
+    assert exact.has_more is False and len(exact.data) == 6
+    assert (await store.list_sessions("key-a", 5)).has_more is True
+    assert (await store.list_sessions("key-a", 3, "s-f")).data == []
+    with pytest.raises(UnknownCursor):
+        await store.list_sessions("key-a", 3, "nope")
+    with pytest.raises(UnknownCursor):
+        await store.list_sessions("key-a", 3, "other")  # key-b's
+    assert (await store.list_sessions("key-c", 3)).data == []
+
+
+async def test_purge_removes_sessions_not_updated_since(store: SessionStore) -> None:
+    await store.record_turns(
+        [
+            turn_record(sid="old", at=1000.0, digests=("d-old",)),
+            turn_record(owner="key-b", sid="old-b", at=1500.0),
+            turn_record(sid="kept", at=1000.0),
+            turn_record(sid="kept", at=3000.0, digests=("d-kept",)),
+            turn_record(sid="new", at=2000.0),
+        ]
+    )
+    assert await store.purge(2000.0) == 2
+    assert await store.get_session("key-a", "old") is None
+    assert await store.get_session("key-b", "old-b") is None
+    assert await store.find_session("key-a", "d-old") is None
+    assert await store.find_session("key-a", "d-kept") == "kept"
+    kept = await store.get_session("key-a", "kept")
+    assert kept is not None and kept.turn_count == 2
+    assert [s.id for s in (await store.list_sessions("key-a", 10)).data] == ["kept", "new"]
+    assert await store.purge(2000.0) == 0
+
+
+async def test_concurrent_writers_lose_no_turn(opener: Opener) -> None:
+    """Two writers (processes, replicas) append to one session at the same time."""
+    one, two = await opener(), await opener()
+
+    async def write(store: SessionStore, who: str) -> None:
+        for i in range(25):
+            await store.record_turns(
+                [turn_record(sid="shared", at=1_700_000_000 + i, text=f"{who}{i}", usage=(1, 2, 3))]
+            )
+
+    await asyncio.gather(write(one, "x"), write(two, "y"))
+    session = await one.get_session("key-a", "shared")
+    assert session is not None
+    assert (
+        session.turn_count,
+        session.prompt_tokens,
+        session.completion_tokens,
+        session.total_tokens,
+    ) == (
+        50,
+        50,
+        100,
+        150,
+    )
+    assert session.turns is not None
+    texts = sorted(t["messages"][0]["content"] for t in session.turns)
+    assert texts == sorted([f"x{i}" for i in range(25)] + [f"y{i}" for i in range(25)])
+
+
+async def test_another_instance_sees_the_sessions(
+    opener: Opener, request: pytest.FixtureRequest
+) -> None:
+    first = await opener()
+    if isinstance(first, MemoryStore):
+        pytest.skip("a memory store is private to its process")
+    await first.record_turns([turn_record(digests=("d1",))])
+    await first.close()
+    second = await opener()
+    assert await second.find_session("key-a", "d1") == "sess_1"
+    session = await second.get_session("key-a", "sess_1")
+    assert session is not None and session.turn_count == 1
+    assert await second.ping() is True
+
+
+_WRITER = """
+import asyncio, sys
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.base import TurnRecord
+
+async def main() -> None:
+    store = await SQLiteStore.open(sys.argv[1])
+    i = 0
+    while True:
+        batch = []
+        for _ in range(5):
+            i += 1
+            batch.append(TurnRecord(owner="o", session_id=f"s{i % 7}", at=float(i), source="new",
+                key_id=None, model="m", turn={"n": i, "pad": "x" * 4000}, total_tokens=1,
+                digests=(f"d{i}",)))
+        await store.record_turns(batch)
+        print(i, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_sqlite_file_survives_kill_9(tmp_path: Path) -> None:
+    """A writer killed mid-stream leaves a consistent file holding every turn it had
+    committed."""
+    db = tmp_path / "sessions.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    acknowledged = 0
+    try:
+        for line in proc.stdout:
+            acknowledged = int(line)
+            if acknowledged >= 600:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert acknowledged >= 600
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        turns = con.execute("SELECT count(*) FROM turns").fetchone()[0]
+        counted, tokens = con.execute(
+            "SELECT sum(turn_count), sum(total_tokens) FROM sessions"
+        ).fetchone()
+    finally:
+        con.close()
+    assert turns >= acknowledged
+    assert counted == turns == tokens
