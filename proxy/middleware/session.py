@@ -27,6 +27,9 @@ the session that recorded it last, so identical conversations of one key continu
 newest session, and a client that edits and resends an earlier message continues the
 session it branched from.
 
+A turn records the request's new messages: those after its last assistant message,
+or, for the first turn of a session, all of them (system prompt and greeting included).
+
 Session writes leave the request's path: a completion callback queues the turn for a
 background writer, which commits within milliseconds. Lookups see queued turns, so a
 client that sends its next message at once still continues.
@@ -400,7 +403,8 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
             ex.upstream_headers[options.forward_header] = sid
         ex.log["session_source"] = source
 
-        fresh = new_messages(messages)
+        # a new session's first turn holds the whole context it opened with
+        fresh = list(messages) if source == "new" else new_messages(messages)
         opening = (
             list(messages)
             if source in ("elevenlabs", "header") and len(fresh) < len(messages)

@@ -581,3 +581,53 @@ async def test_other_routes_are_untouched(make_proxy: ProxyFactory, backend: Bac
     assert resp.status == 200
     assert "X-Session-Id" not in resp.headers
     assert "X-Session-Id" not in backend.seen[-1].headers
+
+
+async def test_conversations_opening_with_the_same_greeting_stay_apart(
+    make_proxy: ProxyFactory, sqlite_store: dict[str, Any]
+) -> None:
+    """A voice agent sends its greeting as the first assistant message of every call."""
+    client = await make_proxy(config(sqlite_store))
+    system = {"role": "system", "content": "You are a receptionist."}
+    greeting = {"role": "assistant", "content": "Hello, thanks for calling!"}
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for caller in ("first caller", "second caller"):
+        history = [system, greeting, user(f"I am the {caller}")]
+        sid, doc = await chat(client, history)
+        calls[sid] = [*history, doc["choices"][0]["message"]]
+    assert len(calls) == 2
+    for sid, history in calls.items():
+        again, _ = await chat(client, [*history, user("what next?")])
+        assert again == sid
+        status, session = await fetch(client, sid)
+        assert session["turn_count"] == 2
+        assert session["turns"][0]["messages"] == history[:3]
+
+
+async def test_reply_sent_back_as_content_parts_or_another_choice(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    backend.chat(json_handler({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "test-model",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Option A"}, "finish_reason": "stop"},
+            {"index": 1, "message": {"role": "assistant", "content": "Option B"}, "finish_reason": "stop"},
+        ],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8},
+    }))  # fmt: skip
+    client = await make_proxy(config({"backend": "memory"}, url="{backend}"), backend)
+    history = [user("Give me two options")]
+    sid, _ = await chat(client, history, n=2)
+    # the client keeps the second choice, as content parts
+    history += [
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "Option"}, {"type": "text", "text": "B"}],
+        },
+        {"role": "user", "content": [{"type": "text", "text": "B please"}]},
+    ]
+    again, _ = await chat(client, history)
+    assert again == sid
+    status, session = await fetch(client, sid)
+    assert session["turns"][0]["response"]["content"] == "Option A"
+    assert session["turns"][1]["messages"] == [history[-1]]
