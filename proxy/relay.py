@@ -118,13 +118,29 @@ class _Transformer:
                     self.acc.feed(e.json())
         return b"".join(sse.encode(e) for e in events)
 
+    def _usage(self, events: list[sse.Event]) -> None:
+        # usage belongs to the backend's answer even where a middleware hides it from
+        # the client (rate_limit asks for it on the client's behalf)
+        if self.acc is None:
+            return
+        for e in events:
+            if e.data is not None and '"usage"' in e.data:
+                doc = e.json()
+                usage = doc.get("usage") if isinstance(doc, dict) else None
+                if isinstance(usage, dict):
+                    self.acc.usage = usage
+
     def feed(self, chunk: bytes) -> bytes:
         events, self.pending = sse.parse(self.pending, chunk)
-        return self._emit(self._through(events)) if events else b""
+        if not events:
+            return b""
+        self._usage(events)
+        return self._emit(self._through(events))
 
     def end(self) -> bytes:
         events = sse.flush(self.pending)
         self.pending = sse.START
+        self._usage(events)
         for t in self.transforms:
             out: list[sse.Event] = []
             for e in events:
