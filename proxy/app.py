@@ -263,7 +263,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     rt = state.runtime
-    ups = rt.upstreams.states()
+    ups = await rt.upstreams.probe()
     store_state = "none"
     store = rt.ctx.store
     if store is not None:

@@ -7,6 +7,7 @@ for `circuit.cooldown` seconds, then tried again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -31,6 +32,8 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
         self.failures = 0
         self.open_until = 0.0
+        self._probed_at = -10.0
+        self._reachable = True
         self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
     def serves(self, model: str | None) -> bool:
@@ -47,6 +50,26 @@ class Upstream:
         if self.is_open:
             return "open"
         return "degraded" if self.failures else "ok"
+
+    async def probe(self, timeout: float = 1.0) -> str:
+        """The state, with an active check that the backend accepts connections (a
+        model server binds its port once the model is loaded); cached briefly."""
+        state = self.state()
+        if state in ("stopped", "open"):
+            return state
+        now = time.monotonic()
+        if now - self._probed_at > 2.0:
+            host = self.base.host or "127.0.0.1"
+            port = self.base.port or (443 if self.base.scheme == "https" else 80)
+            try:
+                async with asyncio.timeout(min(timeout, self.cfg.timeouts.connect)):
+                    _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                self._reachable = True
+            except (OSError, TimeoutError):
+                self._reachable = False
+            self._probed_at = now
+        return state if self._reachable else "unreachable"
 
     def record(self, ok: bool) -> None:
         if ok:
@@ -126,3 +149,7 @@ class Upstreams:
 
     def states(self) -> dict[str, str]:
         return {u.name: u.state() for u in self.all}
+
+    async def probe(self) -> dict[str, str]:
+        states = await asyncio.gather(*(u.probe() for u in self.all))
+        return {u.name: state for u, state in zip(self.all, states, strict=True)}

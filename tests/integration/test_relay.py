@@ -193,3 +193,21 @@ async def test_elevenlabs_fields_never_reach_the_backend(
     sent = backend.seen[-1].json()
     assert "elevenlabs_extra_body" not in sent and "user_id" not in sent
     assert sent["user"] == "u-42"
+
+
+async def test_readyz_probes_the_backend(make_proxy: ProxyFactory, backend: Backend) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    text = BASIC + f"  - name: gone\n    url: http://127.0.0.1:{dead}/v1\n"
+    client = await make_proxy(text, backend)
+    resp = await client.get("/readyz")
+    assert resp.status == 200  # one upstream is enough
+    assert (await resp.json())["upstreams"] == {"main": "ok", "gone": "unreachable"}
+    only_dead = f"upstreams:\n  - name: gone\n    url: http://127.0.0.1:{dead}/v1\n"
+    client = await make_proxy(only_dead)
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["status"] == "unavailable"
