@@ -1,0 +1,473 @@
+"""rate_limit: requests per minute, tokens per minute and concurrent requests, per key.
+
+Each caller is counted under its key id, or under its address when anonymous. A
+key's own `limits` override the middleware's defaults field by field. Chat and
+passthrough requests count against every limit; /v1/models and /v1/sessions count
+against requests per minute only.
+
+Tokens are reserved at admission (an estimate of the prompt plus max_tokens, or
+`default_max_tokens`) and settled against the usage the backend reports when the
+response ends. For a stream the proxy asks the backend for the usage chunk
+(`stream_options.include_usage`) and hides it from a client that did not ask.
+
+Counters live where `store.backend` says: Redis (shared by every worker and
+replica) or this process (memory, sqlite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from proxy import sse
+from proxy.chain import BuildContext, register
+from proxy.config import Limits
+from proxy.errors import ProxyError
+from proxy.exchange import Exchange, Handler, Middleware
+from proxy.ratelimit import Decision, Limiter, Quota, StoreError, Window, format_reset
+from proxy.ratelimit.memory import MemoryLimiter
+
+log = logging.getLogger("chat_proxy.rate_limit")
+
+WORKERS_ENV = "CHAT_PROXY_WORKERS"
+_FULL_ROUTES = ("chat", "passthrough")  # every limit
+_REQUEST_ROUTES = ("models", "sessions")  # requests per minute only
+_IMAGE_TOKENS = 85  # what an image part of a message is reckoned at
+_NAMES = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "concurrent": "concurrent requests",
+}
+
+
+class RateLimitOptions(Limits):
+    """The defaults for keys without their own limits, and how to count."""
+
+    on_store_error: Literal["allow", "deny"] = "allow"
+    # completion tokens reserved for a request that sets no max_tokens
+    default_max_tokens: int = Field(512, gt=0)
+    # ask the backend for the usage chunk of a stream, to settle tokens exactly
+    stream_usage: bool = True
+
+
+class _Throttled:
+    """A warning logged at most once per `every` seconds, with a count of the rest."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            fields["suppressed"] = self._suppressed
+        self._suppressed = 0
+        self._next = now + self.every
+        log.warning(message, extra=fields)
+
+
+# ---------------------------------------------------------------------------
+# token estimates
+
+
+def _chars(value: Any) -> tuple[int, int]:
+    """(characters of text, image parts) in a message content or a prompt input."""
+    if isinstance(value, str):
+        return len(value), 0
+    chars = images = 0
+    if isinstance(value, list):
+        for part in value:
+            if isinstance(part, str):
+                chars += len(part)
+            elif isinstance(part, int):
+                chars += 4  # a token id of a pre-tokenised prompt
+            elif isinstance(part, list):
+                chars += 4 * len(part)
+            elif isinstance(part, dict):
+                if isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+                elif part.get("type") in ("image_url", "input_image", "image"):
+                    images += 1
+                else:
+                    chars += len(json.dumps(part))
+    return chars, images
+
+
+def estimate_prompt(body: dict[str, Any] | None) -> int:
+    """A cheap estimate of a request's prompt tokens: a token is about 4 characters,
+    plus a few per message for the chat template."""
+    if body is None:
+        return 0
+    chars = images = items = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for msg in messages:
+            if not isinstance(msg, dict):
+                continue
+            items += 1
+            c, i = _chars(msg.get("content"))
+            chars += c
+            images += i
+            calls = msg.get("tool_calls")
+            if isinstance(calls, list):
+                chars += len(json.dumps(calls))
+        if isinstance(body.get("tools"), list):
+            chars += len(json.dumps(body["tools"]))
+    for name in ("prompt", "input"):
+        c, i = _chars(body.get(name))
+        chars += c
+        images += i
+    if not chars and not images and not items:
+        return 0
+    return math.ceil(chars / 4) + 4 * items + 3 + _IMAGE_TOKENS * images
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+@dataclass(slots=True)
+class Estimate:
+    prompt: int
+    completion: int
+    explicit: bool  # the completion part comes from the request's max_tokens
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def estimate(ex: Exchange, default_max_tokens: int) -> Estimate:
+    body = ex.body
+    prompt = estimate_prompt(body)
+    if body is None:
+        return Estimate(prompt, 0, False)
+    n = _positive_int(body.get("n")) or 1
+    limit = _positive_int(body.get("max_completion_tokens")) or _positive_int(
+        body.get("max_tokens")
+    )
+    if limit is not None:
+        return Estimate(prompt, limit * n, True)
+    generates = ex.route == "chat" or ex.request.path.endswith("/completions")
+    return Estimate(prompt, default_max_tokens * n if generates else 0, False)
+
+
+def usage_total(usage: Any) -> int | None:
+    if not isinstance(usage, dict):
+        return None
+    total = _positive_int(usage.get("total_tokens"))
+    if total is not None:
+        return total
+    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    counted = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+    return sum(counted) if counted else None
+
+
+def _content_chars(choices: Any, key: str) -> int:
+    chars = 0
+    if isinstance(choices, list):
+        for choice in choices:
+            part = choice.get(key) if isinstance(choice, dict) else None
+            if isinstance(part, dict):
+                if isinstance(part.get("content"), str):
+                    chars += len(part["content"])
+                if isinstance(part.get("tool_calls"), list):
+                    chars += len(json.dumps(part["tool_calls"]))
+            elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
+                chars += len(choice["text"])
+    return chars
+
+
+class Meter:
+    """Finds the real usage of a response: the usage chunk of a stream (dropped when
+    the proxy asked for it on the client's behalf) or the usage of a JSON body."""
+
+    def __init__(self, hide_usage: bool) -> None:
+        self.hide_usage = hide_usage
+        self.usage: dict[str, Any] | None = None
+        self.chars = 0
+        self.completed = False
+
+    def on_event(self, event: sse.Event) -> list[sse.Event]:
+        doc = event.json()
+        if not isinstance(doc, dict):
+            return [event]
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if self.hide_usage and doc.get("choices") == []:
+                return []
+        self.chars += _content_chars(doc.get("choices"), "delta")
+        return [event]
+
+    def on_end(self) -> list[sse.Event]:
+        return []
+
+    def on_complete(self, ex: Exchange) -> None:
+        doc = ex.completion
+        if not isinstance(doc, dict):
+            return
+        self.completed = True
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        elif self.usage is not None:
+            # the usage chunk was hidden from the client: later callbacks still see it
+            doc["usage"] = self.usage
+        if not ex.stream:
+            self.chars = _content_chars(doc.get("choices"), "message")
+
+    def actual(self, ex: Exchange, est: Estimate) -> int:
+        """The tokens the request used, as well as the proxy can tell."""
+        total = usage_total(self.usage)
+        if total is not None:
+            return total
+        if ex.ttfb is None or not (200 <= ex.status < 300):
+            return 0  # the backend refused it or never answered
+        if self.completed or ex.stream:
+            return est.prompt + math.ceil(self.chars / 4)
+        return est.total
+
+
+# ---------------------------------------------------------------------------
+# responses
+
+
+def _headers(decision: Decision) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind, window in (("requests", decision.requests), ("tokens", decision.tokens)):
+        if window is None:
+            continue
+        headers[f"x-ratelimit-limit-{kind}"] = str(window.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = format_reset(window.reset)
+    return headers
+
+
+def _retry_headers(seconds: float) -> dict[str, str]:
+    ms = max(1, math.ceil(seconds * 1000))
+    return {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}
+
+
+def _who(ex: Exchange, key: str) -> str:
+    return f"key '{key}'" if not key.startswith("ip:") else f"client {key[3:]}"
+
+
+def _refusal(ex: Exchange, key: str, quota: Quota, cost: int, decision: Decision) -> ProxyError:
+    parts: list[str] = []
+    for kind in decision.exceeded:
+        if kind == "requests":
+            parts.append(f"{_NAMES[kind]} (limit {quota.requests_per_minute})")
+        elif kind == "tokens":
+            left = decision.tokens.remaining if decision.tokens else 0
+            parts.append(
+                f"{_NAMES[kind]} (limit {quota.tokens_per_minute}, remaining {left}, "
+                f"this request needs about {cost})"
+            )
+        else:
+            parts.append(f"{_NAMES[kind]} (limit {quota.max_concurrent} in flight)")
+    message = f"Rate limit reached for {' and '.join(parts)} on {_who(ex, key)}."
+    if decision.exceeded == ("concurrent",):
+        message += " Try again when one of your requests has finished."
+    else:
+        message += f" Try again in {format_reset(decision.retry_after)}."
+    headers = _headers(decision)
+    headers.update(_retry_headers(decision.retry_after))
+    return ProxyError(429, message, code="rate_limit_exceeded", headers=headers)
+
+
+def _too_large(ex: Exchange, key: str, tpm: int, est: Estimate) -> ProxyError:
+    detail = f"prompt about {est.prompt}"
+    if est.explicit:
+        detail += f" plus up to {est.completion} completion tokens"
+    return ProxyError(
+        429,
+        f"Request too large for tokens per minute: it needs about {est.total} tokens "
+        f"({detail}) and the limit on {_who(ex, key)} is {tpm} per minute. Reduce the "
+        "prompt or max_tokens; retrying will not help.",
+        code="rate_limit_exceeded",
+    )
+
+
+# ---------------------------------------------------------------------------
+# the middleware
+
+
+def effective_quota(defaults: Limits, own: Limits | None, route: str) -> Quota:
+    """The key's own limits where it has them, the defaults elsewhere; by route."""
+
+    def pick(name: str) -> int | None:
+        mine = getattr(own, name) if own is not None else None
+        value: int | None = mine if mine is not None else getattr(defaults, name)
+        return value
+
+    rpm = pick("requests_per_minute")
+    if route in _REQUEST_ROUTES:
+        return Quota(requests_per_minute=rpm)
+    if route not in _FULL_ROUTES:
+        return Quota()
+    return Quota(rpm, pick("tokens_per_minute"), pick("max_concurrent"))
+
+
+def client_key(ex: Exchange) -> str:
+    identity = ex.identity
+    if identity is None or identity.anonymous:
+        return f"ip:{ex.request.remote or 'unknown'}"
+    return identity.id
+
+
+def _workers() -> int:
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, "1") or 1))
+    except ValueError:
+        return 1
+
+
+@dataclass
+class _Holder:
+    limiter: Limiter | None = None
+    warn: _Throttled = field(default_factory=_Throttled)
+
+
+@register("rate_limit", RateLimitOptions)
+def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
+    store = ctx.config.store
+    holder = _Holder()
+
+    async def startup() -> None:
+        if store.backend == "redis":
+            from proxy.ratelimit.redis import RedisLimiter, connect
+
+            limiter = RedisLimiter(connect(store.url), store.prefix)
+            holder.limiter = limiter
+            if not await limiter.ping():
+                log.warning(
+                    "rate-limit store unreachable at start-up; on_store_error: %s applies until it answers",
+                    options.on_store_error,
+                )
+            return
+        holder.limiter = MemoryLimiter()
+        workers = _workers()
+        if workers > 1:
+            log.warning(
+                "rate limits are per worker: with %d workers a key may get %d times its limit; "
+                "use store.backend: redis",
+                workers,
+                workers,
+            )
+        else:
+            log.info(
+                "rate limits are counted in this process (store.backend: %s): each replica "
+                "counts on its own; use store.backend: redis to share them",
+                store.backend,
+            )
+
+    async def shutdown() -> None:
+        if holder.limiter is not None:
+            await holder.limiter.close()
+            holder.limiter = None
+
+    ctx.startup.append(startup)
+    ctx.shutdown.append(shutdown)
+
+    async def store_failed(ex: Exchange, call_next: Handler, exc: StoreError) -> web.StreamResponse:
+        holder.warn.warning(
+            f"rate-limit store unreachable; requests are "
+            f"{'let through unlimited' if options.on_store_error == 'allow' else 'refused with 503'} "
+            f"(on_store_error: {options.on_store_error})",
+            error=str(exc),
+        )
+        ex.log["rate_limit"] = "store_error"
+        if options.on_store_error == "deny":
+            raise ProxyError(
+                503,
+                "The proxy cannot check rate limits because its store is unreachable, so it "
+                "refuses requests until the store is back (on_store_error: deny).",
+                code="rate_limit_store_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        return await call_next(ex)
+
+    async def middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        identity = ex.identity
+        quota = effective_quota(
+            options, identity.limits if identity is not None else None, ex.route
+        )
+        limiter = holder.limiter
+        if not quota or limiter is None:
+            return await call_next(ex)
+        key = client_key(ex)
+        est: Estimate | None = None
+        cost = 0
+        tpm = quota.tokens_per_minute
+        if tpm:
+            est = estimate(ex, options.default_max_tokens)
+            cost = est.total
+            if cost == 0:
+                est, tpm = None, None  # nothing to count (a body that is not JSON)
+                quota = Quota(quota.requests_per_minute, None, quota.max_concurrent)
+            elif cost > tpm:
+                if est.explicit or est.prompt > tpm:
+                    raise _too_large(ex, key, tpm, est)
+                cost = tpm  # only the default completion budget does not fit: trim it
+        try:
+            decision = await limiter.acquire(key, quota, cost)
+        except StoreError as exc:
+            return await store_failed(ex, call_next, exc)
+        if not decision.allowed:
+            ex.log["rate_limit"] = ",".join(decision.exceeded)
+            raise _refusal(ex, key, quota, cost, decision)
+        ex.response_headers.update(_headers(decision))
+        meter: Meter | None = None
+        if est is not None and ex.body is not None:
+            hide = False
+            if ex.route == "chat" and ex.wants_stream and options.stream_usage:
+                opts = ex.body.get("stream_options")
+                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                    ex.body["stream_options"] = {
+                        **(opts if isinstance(opts, dict) else {}),
+                        "include_usage": True,
+                    }
+                    hide = True
+            meter = Meter(hide)
+            ex.event_transforms.append(meter)
+            ex.on_complete.append(meter.on_complete)
+        try:
+            return await call_next(ex)
+        finally:
+            delta = 0
+            if meter is not None and est is not None:
+                delta = meter.actual(ex, est) - cost
+            if decision.lease is not None or delta:
+                await asyncio.shield(_settle(limiter, holder, key, quota, decision.lease, delta))
+
+    return middleware
+
+
+async def _settle(
+    limiter: Limiter, holder: _Holder, key: str, quota: Quota, lease: str | None, delta: int
+) -> None:
+    try:
+        await limiter.settle(key, quota, lease, delta)
+    except StoreError as exc:
+        holder.warn.warning(
+            "rate-limit store unreachable; a finished request was not settled", error=str(exc)
+        )
+
+
+__all__ = ["Estimate", "Meter", "RateLimitOptions", "Window", "estimate", "estimate_prompt"]

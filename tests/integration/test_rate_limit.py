@@ -1,0 +1,463 @@
+"""The rate_limit middleware as a client sees it: headers, 429s, token settlement,
+streams, concurrency, per-key limits; with counters in memory and in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from proxy.chain import BuildContext
+from proxy.config import Limits
+from proxy.exchange import Exchange, Handler, Identity, Middleware
+from tests.conftest import (
+    BASIC,
+    DONE,
+    Backend,
+    ProxyFactory,
+    chat_body,
+    chunk,
+    completion,
+    json_handler,
+    sse_handler,
+    usage_chunk,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def require_redis(host: str = "127.0.0.1", port: int = 6379) -> None:
+    """Skip when no Redis answers here, except under CI=true, where that fails."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                raise OSError("not a Redis server")
+    except OSError as exc:
+        reason = f"no Redis at {host}:{port} ({exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires it")
+        pytest.skip(f"{reason}: start one to run the Redis rate-limit tests")
+
+
+async def drop_keys(prefix: str, url: str = REDIS_URL) -> None:
+    client = Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def keyed(options: dict[str, Any], ctx: BuildContext) -> Middleware:
+    """A stand-in for auth: `X-Test-Key: NAME` calls as key NAME with the limits of
+    `keys.NAME` (none when absent); no header: anonymous."""
+    limits = {name: Limits(**(value or {})) for name, value in (options.get("keys") or {}).items()}
+
+    async def middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        name = ex.request.headers.get("X-Test-Key")
+        if name is not None:
+            ex.identity = Identity(
+                id=name, scopes=frozenset({"chat", "models"}), limits=limits.get(name)
+            )
+        return await call_next(ex)
+
+    return middleware
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The store section of the config: counters in memory, or in the real Redis."""
+    if request.param == "memory":
+        yield "store: {backend: memory}\n"
+        return
+    require_redis()
+    prefix = f"test-rl-{uuid.uuid4().hex[:8]}:"
+    yield f'store: {{backend: redis, url: "{REDIS_URL}", prefix: "{prefix}"}}\n'
+    await drop_keys(prefix)
+
+
+def config(limits: str, store: str = "store: {backend: memory}\n", keys: str = "{}") -> str:
+    """A proxy with the stand-in auth and a rate_limit whose options are `limits`, a
+    YAML flow mapping."""
+    options = limits.strip().removeprefix("{").removesuffix("}")
+    return (
+        BASIC
+        + store
+        + f"""
+middleware:
+  - type: tests.integration.test_rate_limit:keyed
+    keys: {keys}
+  - {{type: rate_limit, {options}}}
+"""
+    )
+
+
+async def post(
+    client: TestClient[Any, Any], body: dict[str, Any] | None = None, key: str | None = None
+) -> Any:
+    headers = {"X-Test-Key": key} if key else {}
+    return await client.post("/v1/chat/completions", json=body or chat_body(), headers=headers)
+
+
+def usage_handler(total: int, prompt: int = 5) -> Any:
+    return json_handler(
+        completion(
+            usage={
+                "prompt_tokens": prompt,
+                "completion_tokens": total - prompt,
+                "total_tokens": total,
+            }
+        )
+    )
+
+
+# chat_body("Hi") is reckoned at 8 prompt tokens: ceil(2 chars / 4) + 4 per message + 3
+HI_PROMPT = 8
+
+
+async def test_headers_on_every_chat_response(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    backend.chat(usage_handler(HI_PROMPT + 10))
+    client = await make_proxy(
+        config("{requests_per_minute: 3, tokens_per_minute: 1000}", store), backend
+    )
+    resp = await post(client, chat_body(max_tokens=10))
+    assert resp.status == 200
+    h = resp.headers
+    assert h["x-ratelimit-limit-requests"] == "3"
+    assert h["x-ratelimit-remaining-requests"] == "2"
+    assert h["x-ratelimit-reset-requests"] == "20s"  # a request comes back every 20 s
+    assert h["x-ratelimit-limit-tokens"] == "1000"
+    # remaining after this request's reservation: 8 prompt + 10 max_tokens
+    assert h["x-ratelimit-remaining-tokens"] == "982"
+    assert h["x-ratelimit-reset-tokens"] == "1.08s"  # 18 tokens at 60 ms each
+    backend.chat(sse_handler(*STREAM, DONE))
+    resp = await post(client, chat_body(stream=True, max_tokens=10))
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+async def test_over_the_request_limit_is_429_with_retry_after(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    client = await make_proxy(config("{requests_per_minute: 3}", store), backend)
+    for _ in range(3):
+        assert (await post(client)).status == 200
+    resp = await post(client)
+    assert resp.status == 429
+    err = (await resp.json())["error"]
+    assert err["type"] == "rate_limit_error"
+    assert err["code"] == "rate_limit_exceeded"
+    assert "requests per minute (limit 3)" in err["message"]
+    assert "client 127.0.0.1" in err["message"]
+    # the next request comes back 20 s after the first
+    assert resp.headers["Retry-After"] == "20"
+    assert 19000 < int(resp.headers["retry-after-ms"]) <= 20000
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(backend.seen) == 3
+    # tokens are not limited here: no token headers
+    assert "x-ratelimit-limit-tokens" not in resp.headers
+
+
+async def test_sdk_sees_a_rate_limit_error(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    client = await make_proxy(config("{requests_per_minute: 1}", store), backend)
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+    await sdk.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "Hi"}]
+    )
+    with pytest.raises(openai.RateLimitError) as caught:
+        await sdk.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert caught.value.status_code == 429
+    assert caught.value.code == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["retry-after"]) == 60
+    await sdk.close()
+
+
+async def test_tokens_settle_against_the_reported_usage(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    # 100 tokens a minute: one comes back every 600 ms, so the test's own time does not count
+    backend.chat(usage_handler(7))
+    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - HI_PROMPT - 50)
+    # the first used 7 tokens: 93 left, and this one reserves 58 of them
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(93 - 58)
+
+    backend.chat(usage_handler(90))  # more than reserved: the difference is charged
+    resp = await post(client, chat_body(max_tokens=1))
+    assert resp.status == 200
+    resp = await post(client, chat_body(max_tokens=1))
+    assert resp.status == 429
+    err = (await resp.json())["error"]
+    assert "tokens per minute (limit 100" in err["message"]
+
+
+async def test_a_request_that_would_itself_exceed_the_tokens_left_is_refused(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    backend.chat(usage_handler(HI_PROMPT + 50))
+    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
+    assert (await post(client, chat_body(max_tokens=50))).status == 200  # 42 left
+    resp = await post(client, chat_body(max_tokens=40))  # needs 48
+    assert resp.status == 429
+    err = (await resp.json())["error"]
+    assert "remaining 42, this request needs about 48" in err["message"]
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "42"
+    assert int(resp.headers["Retry-After"]) == 4  # 6 tokens short, 600 ms each
+    assert (await post(client, chat_body(max_tokens=30))).status == 200  # needs 38
+    assert len(backend.seen) == 2
+
+
+async def test_a_request_larger_than_the_whole_budget_says_so(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    client = await make_proxy(config("{tokens_per_minute: 1000}"), backend)
+    resp = await post(client, chat_body(max_tokens=2000))
+    assert resp.status == 429
+    err = (await resp.json())["error"]
+    assert err["code"] == "rate_limit_exceeded"
+    assert err["message"].startswith("Request too large for tokens per minute")
+    assert "2008 tokens" in err["message"] and "limit on client 127.0.0.1 is 1000" in err["message"]
+    assert "Retry-After" not in resp.headers  # waiting cannot help
+    # a prompt alone over the budget, with no max_tokens
+    resp = await post(client, chat_body("x" * 8000))
+    assert resp.status == 429
+    assert "Request too large" in (await resp.json())["error"]["message"]
+    assert backend.seen == []
+    # without max_tokens, only the default completion budget is trimmed to fit
+    resp = await post(client, chat_body("x" * 2000))
+    assert resp.status == 200
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+STREAM = [chunk("", role="assistant"), chunk("Hello"), chunk(" there"), chunk(None, finish="stop")]
+
+
+async def test_stream_usage_is_requested_and_hidden_from_a_client_that_did_not_ask(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    backend.chat(sse_handler(*STREAM, usage_chunk(prompt=5, completion_tokens=2), DONE))
+    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
+    resp = await post(client, chat_body(stream=True, max_tokens=50))
+    assert resp.status == 200
+    assert await resp.read() == b"".join(STREAM) + DONE  # byte for byte, minus the usage chunk
+    sent = backend.seen[-1].json()
+    assert sent["stream_options"] == {"include_usage": True}
+    # the stream used 7 tokens: settled before the next request
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(93 - 58)
+
+
+async def test_stream_usage_kept_for_a_client_that_asked(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    parts = [*STREAM, usage_chunk(prompt=5, completion_tokens=2), DONE]
+    backend.chat(sse_handler(*parts))
+    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
+    body = chat_body(stream=True, max_tokens=10, stream_options={"include_usage": True})
+    resp = await post(client, body)
+    assert await resp.read() == b"".join(parts)
+    assert backend.seen[-1].json()["stream_options"] == {"include_usage": True}
+    # other stream options are kept beside the one the proxy adds
+    body = chat_body(stream=True, max_tokens=10, stream_options={"continuous_usage_stats": False})
+    resp = await post(client, body)
+    assert await resp.read() == b"".join(STREAM) + DONE
+    assert backend.seen[-1].json()["stream_options"] == {
+        "continuous_usage_stats": False,
+        "include_usage": True,
+    }
+
+
+async def test_stream_without_usage_is_settled_from_its_text(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    # a backend that ignores include_usage: the reply's 11 characters are about 3 tokens
+    backend.chat(sse_handler(*STREAM, DONE))
+    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
+    resp = await post(client, chat_body(stream=True, max_tokens=50))
+    assert await resp.read() == b"".join(STREAM) + DONE
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - (HI_PROMPT + 3) - 58)
+
+
+async def test_failed_request_gives_its_tokens_back(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    backend.chat(json_handler({"error": {"message": "bad model"}}, status=400))
+    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.status == 400
+    backend.chat(usage_handler(10))
+    resp = await post(client, chat_body(max_tokens=50))
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - 58)
+
+
+async def test_a_stream_holds_its_concurrency_slot_until_it_ends(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(chunk("first"))
+        await asyncio.wait_for(release.wait(), 5)
+        await resp.write(chunk(None, finish="stop") + DONE)
+        await resp.write_eof()
+        return resp
+
+    backend.chat(slow)
+    client = await make_proxy(config("{max_concurrent: 1}", store), backend)
+    first = await post(client, chat_body(stream=True))
+    assert await first.content.readuntil(b"\n\n") == chunk("first")
+    resp = await post(client, chat_body(stream=True))
+    assert resp.status == 429
+    err = (await resp.json())["error"]
+    assert "concurrent requests (limit 1 in flight)" in err["message"]
+    assert resp.headers["Retry-After"] == "1"
+    release.set()
+    await first.read()
+    backend.chat(json_handler(completion()))
+    assert (await post(client)).status == 200
+    assert (await post(client)).status == 200  # each one gave its slot back
+
+
+async def test_a_client_that_disconnects_gives_its_slot_back(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(100):
+            await resp.write(chunk("x"))
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
+
+    backend.chat(endless)
+    client = await make_proxy(config("{max_concurrent: 1}"), backend)
+    resp = await post(client, chat_body(stream=True))
+    await resp.content.readuntil(b"\n\n")
+    resp.close()
+    backend.chat(json_handler(completion()))
+    status = 0
+    for _ in range(40):  # the proxy notices the disconnect at its next write
+        status = (await post(client)).status
+        if status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 200
+
+
+async def test_a_keys_own_limits_override_the_defaults_field_by_field(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    keys = "{big: {requests_per_minute: 4}, tokens_only: {tokens_per_minute: 500}, plain: {}}"
+    client = await make_proxy(
+        config("{requests_per_minute: 1, tokens_per_minute: 100}", store, keys), backend
+    )
+    small = chat_body(max_tokens=5)  # 13 tokens of the 100 a minute
+    statuses = [(await post(client, small, key="big")).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 200, 429]
+    resp = await post(client, small, key="tokens_only")
+    assert resp.headers["x-ratelimit-limit-requests"] == "1"  # the default
+    assert resp.headers["x-ratelimit-limit-tokens"] == "500"  # its own
+    assert (await post(client, small, key="tokens_only")).status == 429
+    resp = await post(client, small, key="plain")
+    assert resp.headers["x-ratelimit-limit-tokens"] == "100"
+    resp = await post(client, small, key="plain")
+    assert resp.status == 429
+    assert "key 'plain'" in (await resp.json())["error"]["message"]
+    # anonymous callers have a bucket of their own, per address
+    assert (await post(client, small)).status == 200
+    assert (await post(client, small)).status == 429
+
+
+async def test_routes(make_proxy: ProxyFactory, backend: Backend) -> None:
+    backend.on(
+        "POST",
+        "/v1/embeddings",
+        json_handler({"object": "list", "data": [], "usage": {"total_tokens": 3}}),
+    )
+    client = await make_proxy(
+        config("{requests_per_minute: 3, tokens_per_minute: 1000, max_concurrent: 1}"), backend
+    )
+    for _ in range(5):
+        assert (await client.get("/healthz")).status == 200  # never limited
+    resp = await client.get("/v1/models")  # requests only
+    assert resp.status == 200
+    assert resp.headers["x-ratelimit-remaining-requests"] == "2"
+    assert "x-ratelimit-limit-tokens" not in resp.headers
+    resp = await client.post("/v1/embeddings", json={"model": "e", "input": "a few words here"})
+    assert resp.status == 200  # passthrough: every limit
+    assert resp.headers["x-ratelimit-remaining-requests"] == "1"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - (4 + 3))
+    assert (await post(client)).status == 200
+    resp = await client.get("/v1/models")
+    assert resp.status == 429
+
+
+async def test_on_store_error_is_validated(make_proxy: ProxyFactory, backend: Backend) -> None:
+    from proxy.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        await make_proxy(config("{requests_per_minute: 0, on_store_error: maybe}"), backend)
+    errors = caught.value.errors
+    assert "middleware[1].rate_limit.requests_per_minute: must be a positive integer" in errors
+    assert any(
+        e.startswith("middleware[1].rate_limit.on_store_error: must be one of") for e in errors
+    )
+
+
+async def test_startup_says_limits_are_per_worker(
+    make_proxy: ProxyFactory,
+    backend: Backend,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHAT_PROXY_WORKERS", "4")
+    with caplog.at_level(logging.INFO, logger="chat_proxy.rate_limit"):
+        await make_proxy(config("{requests_per_minute: 3}"), backend)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "rate limits are per worker: with 4 workers a key may get 4 times its limit; use store.backend: redis"
+    ]
+    caplog.clear()
+    monkeypatch.setenv("CHAT_PROXY_WORKERS", "1")
+    with caplog.at_level(logging.INFO, logger="chat_proxy.rate_limit"):
+        await make_proxy(config("{requests_per_minute: 3}"), backend)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert "counted in this process" in caplog.records[0].getMessage()
+
+
+async def test_no_limits_keep_the_fast_path(make_proxy: ProxyFactory, backend: Backend) -> None:
+    raw = b'{"id":"x","choices":[],  "odd":1.50}'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=raw, content_type="application/json")
+
+    backend.chat(handler)
+    client = await make_proxy(config("{requests_per_minute: 5, max_concurrent: 2}"), backend)
+    resp = await post(client)
+    assert await resp.read() == raw  # not parsed and re-serialised
+    assert json.loads(backend.seen[-1].body) == chat_body()  # stream_options untouched
