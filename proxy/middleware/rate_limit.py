@@ -341,7 +341,8 @@ def _workers() -> int:
 @dataclass
 class _Holder:
     limiter: Limiter | None = None
-    warn: _Throttled = field(default_factory=_Throttled)
+    warn_check: _Throttled = field(default_factory=_Throttled)
+    warn_settle: _Throttled = field(default_factory=_Throttled)
 
 
 @register("rate_limit", RateLimitOptions)
@@ -386,7 +387,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
     ctx.shutdown.append(shutdown)
 
     async def store_failed(ex: Exchange, call_next: Handler, exc: StoreError) -> web.StreamResponse:
-        holder.warn.warning(
+        holder.warn_check.warning(
             f"rate-limit store unreachable; requests are "
             f"{'let through unlimited' if options.on_store_error == 'allow' else 'refused with 503'} "
             f"(on_store_error: {options.on_store_error})",
@@ -465,7 +466,7 @@ async def _settle(
     try:
         await limiter.settle(key, quota, lease, delta)
     except StoreError as exc:
-        holder.warn.warning(
+        holder.warn_settle.warning(
             "rate-limit store unreachable; a finished request was not settled", error=str(exc)
         )
 

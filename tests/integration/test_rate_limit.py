@@ -461,3 +461,41 @@ async def test_no_limits_keep_the_fast_path(make_proxy: ProxyFactory, backend: B
     resp = await post(client)
     assert await resp.read() == raw  # not parsed and re-serialised
     assert json.loads(backend.seen[-1].body) == chat_body()  # stream_options untouched
+
+
+async def test_limits_of_keys_from_the_auth_middleware(
+    make_proxy: ProxyFactory, backend: Backend, store: str
+) -> None:
+    text = (
+        BASIC
+        + store
+        + """
+middleware:
+  - type: auth
+    keys:
+      - {id: web-app, key: sk-web, limits: {requests_per_minute: 2}}
+      - {id: batch, key: sk-batch}
+  - type: rate_limit
+    requests_per_minute: 1
+"""
+    )
+    client = await make_proxy(text, backend)
+    base = str(client.make_url("/v1"))
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    web_app = openai.AsyncOpenAI(base_url=base, api_key="sk-web", max_retries=0)
+    batch = openai.AsyncOpenAI(base_url=base, api_key="sk-batch", max_retries=0)
+    try:
+        for _ in range(2):
+            raw = await web_app.chat.completions.with_raw_response.create(
+                model="test-model", messages=messages
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "2"
+        with pytest.raises(openai.RateLimitError) as caught:
+            await web_app.chat.completions.create(model="test-model", messages=messages)
+        assert "key 'web-app'" in caught.value.message
+        await batch.chat.completions.create(model="test-model", messages=messages)  # its own bucket
+        with pytest.raises(openai.RateLimitError):
+            await batch.chat.completions.create(model="test-model", messages=messages)
+    finally:
+        await web_app.close()
+        await batch.close()
