@@ -393,7 +393,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
             f"(on_store_error: {options.on_store_error})",
             error=str(exc),
         )
-        ex.log["rate_limit"] = "store_error"
+        ex.log["rate_limit_store"] = "unreachable"
         if options.on_store_error == "deny":
             raise ProxyError(
                 503,
@@ -424,6 +424,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
                 quota = Quota(quota.requests_per_minute, None, quota.max_concurrent)
             elif cost > tpm:
                 if est.explicit or est.prompt > tpm:
+                    ex.log["rate_limited"] = "tokens"
                     raise _too_large(ex, key, tpm, est)
                 cost = tpm  # only the default completion budget does not fit: trim it
         try:
@@ -431,7 +432,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
         except StoreError as exc:
             return await store_failed(ex, call_next, exc)
         if not decision.allowed:
-            ex.log["rate_limit"] = ",".join(decision.exceeded)
+            ex.log["rate_limited"] = decision.exceeded[0]  # the metric's label
             raise _refusal(ex, key, quota, cost, decision)
         ex.response_headers.update(_headers(decision))
         meter: Meter | None = None

@@ -112,6 +112,15 @@ async def post(
     return await client.post("/v1/chat/completions", json=body or chat_body(), headers=headers)
 
 
+async def refusals(client: TestClient[Any, Any], limit: str) -> float:
+    """The chat_proxy_rate_limit_refusals_total counter for `limit` in /metrics."""
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(f'chat_proxy_rate_limit_refusals_total{{limit="{limit}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def usage_handler(total: int, prompt: int = 5) -> Any:
     return json_handler(
         completion(
@@ -155,10 +164,12 @@ async def test_over_the_request_limit_is_429_with_retry_after(
     make_proxy: ProxyFactory, backend: Backend, store: str
 ) -> None:
     client = await make_proxy(config("{requests_per_minute: 3}", store), backend)
+    refusals_before = await refusals(client, "requests")
     for _ in range(3):
         assert (await post(client)).status == 200
     resp = await post(client)
     assert resp.status == 429
+    assert await refusals(client, "requests") == refusals_before + 1
     err = (await resp.json())["error"]
     assert err["type"] == "rate_limit_error"
     assert err["code"] == "rate_limit_exceeded"
