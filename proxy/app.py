@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,14 +160,49 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_JSON_DEPTH = 128  # well below the recursion limit, whatever walks the body later
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _json_depth_over(doc: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
 def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (ValueError, RecursionError):
         raise bad_request(
             "We could not parse the JSON body of your request. Send a valid JSON object.",
             code="invalid_json",
         ) from None
+    # a body this deep would exhaust the recursion limit of code that walks it later
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets > MAX_JSON_DEPTH and _json_depth_over(doc, MAX_JSON_DEPTH):
+        raise bad_request(
+            f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_json",
+        )
+    # `\ud800` alone parses to a string that cannot be encoded to send it on
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(
+                "The JSON body holds an unpaired UTF-16 surrogate escape (such as \\ud800); "
+                "strings must be valid Unicode.",
+                code="invalid_json",
+            ) from None
+    return doc
 
 
 async def entry(request: web.Request) -> web.StreamResponse:
