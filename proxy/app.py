@@ -340,7 +340,7 @@ def build_app(config: LoadedConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handle)
-    app.router.add_route("*", "/{tail:.*}", entry)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", entry)  # any path, newlines too
     return app
 
 
