@@ -121,8 +121,8 @@ def _text(content: Any) -> str:
 def _arguments(value: Any) -> str:
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except ValueError:
+            return _canonical(json.loads(value))
+        except (ValueError, RecursionError):
             return _collapse(value)
     return _canonical(value)
 
@@ -130,7 +130,8 @@ def _arguments(value: Any) -> str:
 def normalise(message: dict[str, Any]) -> list[Any]:
     """A message as it counts for matching: `[role, text, [[name, arguments], ...]]`."""
     calls: list[list[str]] = []
-    for call in message.get("tool_calls") or ():
+    raw_calls = message.get("tool_calls")
+    for call in raw_calls if isinstance(raw_calls, list) else ():
         if isinstance(call, dict):
             fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
             calls.append([str(fn.get("name") or ""), _arguments(fn.get("arguments"))])
@@ -146,7 +147,8 @@ def conversation(messages: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def digest(owner: str, tail: Sequence[list[Any]]) -> str:
-    data = owner.encode("utf-8", "surrogateescape") + b"\0" + _canonical(list(tail)).encode()
+    text = _canonical(list(tail)).encode("utf-8", "surrogatepass")
+    data = owner.encode("utf-8", "surrogateescape") + b"\0" + text
     return hashlib.sha256(data).hexdigest()[:32]
 
 
