@@ -142,7 +142,20 @@ def make_app(delay: float = 0.0) -> web.Application:
         return resp
 
     async def embeddings(request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "body must be a JSON object",
+                        "type": "invalid_request_error",
+                    }
+                },
+                status=400,
+            )
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
         data = [
