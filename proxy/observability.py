@@ -9,6 +9,8 @@ import time
 import uuid
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -30,6 +32,24 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+class HttpParserErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback quoting the offending
+    line, which may be a header holding an API key: keep only the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a malformed HTTP request (%s)"
+            record.args = (type(exc).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(HttpParserErrors())
 
 
 def setup_logging(level: str = "info", stream: Any = None) -> None:
