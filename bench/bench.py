@@ -1,0 +1,1338 @@
+"""The benchmark of chat-proxy: every scenario in one run, on one machine, as ratios.
+
+Run it through `bench/run` (or `make bench`), which installs what it needs first.
+Starts a fast backend (nginx serving canned answers) and a slow streaming backend,
+then, one after the other, each thing measured in front of that backend: nothing (the
+backend directly), a bare aiohttp relay, nginx as a reverse proxy, chat-proxy with an
+empty chain, with the full default chain, with tool_keywords, and the LiteLLM proxy.
+Prints markdown tables, writes bench/results/latest.json and (through chart.py)
+bench/results/latest.png. Every process it starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+PROJECT_PY = REPO / ".venv" / "bin" / "python"
+LITELLM = BENCH / ".venv-litellm" / "bin" / "litellm"
+TOOLS_PY = BENCH / ".venv-tools" / "bin" / "python"
+RESULTS = BENCH / "results"
+KEY = "sk-bench-0123456789abcdef"
+LITELLM_KEY = "sk-bench-litellm-master-0123456789abcdef"  # LiteLLM refuses to start without one
+
+# --- canned backend answers ---------------------------------------------------------
+
+WORDS = [
+    "The",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "the",
+    "proxy",
+    "relays",
+    "every",
+    "token",
+]
+
+
+def completion_doc() -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench-json",
+        "system_fingerprint": "fp_bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello! This is a canned answer from the benchmark backend, "
+                    "about as long as a short reply from a chat model.",
+                    "refusal": None,
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 24, "completion_tokens": 22, "total_tokens": 46},
+    }
+
+
+def chunk_event(i: int, model: str, last: bool = False) -> bytes:
+    doc: dict[str, Any] = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {} if last else {"content": " " + WORDS[i % len(WORDS)]},
+                "logprobs": None,
+                "finish_reason": "stop" if last else None,
+            }
+        ],
+    }
+    if i == 0:
+        doc["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_body(n: int, model: str) -> bytes:
+    """n events in all: n-2 content chunks, the final chunk, and [DONE]."""
+    parts = [chunk_event(i, model) for i in range(n - 2)]
+    parts.append(chunk_event(n - 2, model, last=True))
+    parts.append(b"data: [DONE]\n\n")
+    return b"".join(parts)
+
+
+def request_body(model: str, stream: bool = False, tools: bool = False) -> bytes:
+    doc: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+            {"role": "user", "content": "Say hello in one short sentence, please."},
+        ],
+        "max_tokens": 64,
+        "temperature": 0.7,
+    }
+    if stream:
+        doc["stream"] = True
+    if tools:
+        doc["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "end_call",
+                    "description": "End the call.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"reason": {"type": "string"}},
+                    },
+                },
+            }
+        ]
+    return json.dumps(doc).encode()
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+@dataclass
+class Procs:
+    run: Path
+    cpus: dict[str, str | None]
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(
+        self, name: str, argv: list[str], role: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        cpu = self.cpus.get(role)
+        if cpu is not None:
+            argv = ["taskset", "-c", cpu, *argv]
+        log = (self.run / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=clean_env(env),
+            cwd=REPO,
+        )
+        log.close()
+        self.started.append(proc)
+        with (self.run / "pids").open("a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc in self.started:
+            self.started.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.started)):
+            with contextlib.suppress(Exception):
+                self.stop(proc)
+
+    def run_tool(
+        self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600
+    ) -> str:
+        """A load generator, pinned to the load CPU; its stdout."""
+        cpu = self.cpus.get("load")
+        if cpu is not None:
+            argv = ["taskset", "-c", cpu, *argv]
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            env={**os.environ, **(env or {})},
+            cwd=REPO,
+            timeout=timeout,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"{argv[0:4]} exited {out.returncode}: {out.stderr.decode(errors='replace')[-800:]}"
+            )
+        return out.stdout.decode()
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a started process: no database or master key for LiteLLM,
+    no CHAT_PROXY_* settings from the caller's shell."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "LITELLM_MASTER_KEY") and not k.startswith("CHAT_PROXY_")
+    }
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 5) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **headers}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    log: Path,
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}; log {log}:\n{tail(log)}")
+        try:
+            status, data = post(url, body, headers, timeout=10)
+            if status == 200:
+                return
+            last = f"HTTP {status}: {data[:300]!r}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = repr(exc)
+        time.sleep(0.25)
+    raise RuntimeError(f"not ready after {timeout:g}s ({last}); log {log}:\n{tail(log)}")
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(value.split()[0])  # kB
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children (nginx's worker)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += proc_cpu_seconds(int(child))
+    return total
+
+
+# --- the measured things ------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # backend | bare | nginx | chat-proxy | litellm
+    config: str | None = None  # chat-proxy: bench/configs/<config>.yaml
+    headers: dict[str, str] = field(default_factory=dict)
+    json_c: bool = True  # the non-streamed scenarios
+    streams: bool = True  # time to first byte and events per second
+    tools: bool = False  # the stream requests declare the tool_keywords tool
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def url(self, what: str, backend_port: int) -> str:
+        if self.kind in ("chat-proxy", "litellm"):
+            return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        port = backend_port if self.kind == "backend" else self.port
+        return f"http://127.0.0.1:{port}/{what}/v1/chat/completions"
+
+
+def targets(selected: set[str] | None) -> list[Target]:
+    all_targets = [
+        Target("backend", "backend"),
+        Target("bare_relay", "bare"),
+        Target("nginx", "nginx"),
+        Target("chat-proxy empty", "chat-proxy", "empty"),
+        Target("chat-proxy full", "chat-proxy", "full", headers={"X-API-Key": KEY}),
+        Target("chat-proxy tool_keywords", "chat-proxy", "tool_keywords", json_c=False, tools=True),
+        Target(
+            "litellm", "litellm", streams=False, headers={"Authorization": f"Bearer {LITELLM_KEY}"}
+        ),
+    ]
+    if selected:
+        return [t for t in all_targets if t.name in selected or t.kind in selected]
+    return all_targets
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    procs: Procs
+    run: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # environment for chat-proxy's ${VAR}s
+    def proxy_env(self, port: int) -> dict[str, str]:
+        return {
+            "BENCH_PORT": str(port),
+            "BENCH_BACKEND": f"http://127.0.0.1:{self.ports['backend']}",
+            "BENCH_SLOW": f"http://127.0.0.1:{self.ports['slow']}",
+            "BENCH_RUN": str(self.run),
+            "BENCH_KEY": KEY,
+            "BENCH_LOG_LEVEL": self.args.log_level,
+        }
+
+    def write_files(self) -> None:
+        www = self.run / "www" / "long" / "v1" / "chat"
+        www.mkdir(parents=True)
+        long = stream_body(self.args.long_events, "bench-long")
+        (www / "completions").write_bytes(long)
+        short = stream_body(self.args.short_events, "bench-sse").decode()
+        event_bytes = len(chunk_event(5, "bench-long"))
+        for side in ("backend", "proxy"):
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (self.run / f"nginx-{side}-tmp" / sub).mkdir(parents=True)
+        subst = {
+            "@RUN@": str(self.run),
+            "@PORT@": str(self.ports["backend"]),
+            "@COMPLETION@": json.dumps(completion_doc(), separators=(",", ":")),
+            "@SHORT_STREAM@": short,
+            "@EVENT_BYTES@": str(event_bytes),
+        }
+        text = (BENCH / "configs" / "nginx-backend.conf").read_text()
+        for k, v in subst.items():
+            text = text.replace(k, v)
+        (self.run / "nginx-backend.conf").write_text(text)
+        text = (BENCH / "configs" / "nginx-proxy.conf").read_text()
+        for k, v in {
+            "@RUN@": str(self.run),
+            "@PORT@": str(self.ports["nginx"]),
+            "@BACKEND_PORT@": str(self.ports["backend"]),
+        }.items():
+            text = text.replace(k, v)
+        (self.run / "nginx-proxy.conf").write_text(text)
+        text = (BENCH / "configs" / "litellm.yaml").read_text()
+        text = text.replace("@BACKEND@", f"http://127.0.0.1:{self.ports['backend']}")
+        (self.run / "litellm.yaml").write_text(text)
+        bodies = {
+            "json": request_body("bench-json"),
+            "sse": request_body("bench-sse", stream=True),
+            "long": request_body("bench-long", stream=True),
+            "sse_tools": request_body("bench-sse", stream=True, tools=True),
+            "long_tools": request_body("bench-long", stream=True, tools=True),
+            "slow": request_body("bench-slow", stream=True),
+        }
+        for name, data in bodies.items():
+            path = self.run / f"body-{name}.json"
+            path.write_bytes(data)
+            self.files[name] = path
+
+    def start_backends(self) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        conf = self.run / "nginx-backend.conf"
+        proc = self.procs.start(
+            "nginx-backend", [nginx, "-c", str(conf), "-p", str(self.run)], "backend"
+        )
+        url = f"http://127.0.0.1:{self.ports['backend']}/json/v1/chat/completions"
+        wait_ready(proc, url, b"{}", {}, 15, self.run / "nginx-backend.log")
+        status, data = post(
+            f"http://127.0.0.1:{self.ports['backend']}/long/v1/chat/completions", b"{}", {}
+        )
+        if status != 200 or data.count(b"\n\n") != self.args.long_events:
+            raise RuntimeError(
+                f"the backend's long stream is wrong: HTTP {status}, {len(data)} bytes"
+            )
+        slow = self.procs.start(
+            "slow-backend",
+            [
+                str(PROJECT_PY),
+                str(BENCH / "slow_backend.py"),
+                "--port",
+                str(self.ports["slow"]),
+                "--events",
+                str(self.args.slow_events),
+                "--interval",
+                str(self.args.slow_interval),
+            ],
+            "backend",
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.ports["slow"]), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or slow.poll() is not None:
+                    raise RuntimeError("the slow backend did not start") from None
+                time.sleep(0.1)
+
+    def start_target(self, t: Target) -> str | None:
+        """Start what is measured; None when started, or the reason it is skipped."""
+        if t.kind == "backend":
+            return None
+        t.port = free_port()
+        name = t.name.replace(" ", "-")
+        log = self.run / f"{name}.log"
+        if t.kind == "bare":
+            argv = [
+                str(PROJECT_PY),
+                str(BENCH / "bare_relay.py"),
+                "--port",
+                str(t.port),
+                "--backend",
+                f"http://127.0.0.1:{self.ports['backend']}",
+            ]
+            env: dict[str, str] = {}
+            ready_timeout = 20.0
+        elif t.kind == "nginx":
+            t.port = self.ports["nginx"]
+            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+            argv = [nginx, "-c", str(self.run / "nginx-proxy.conf"), "-p", str(self.run)]
+            env = {}
+            ready_timeout = 15.0
+        elif t.kind == "chat-proxy":
+            assert t.config is not None
+            env = self.proxy_env(t.port)
+            config = BENCH / "configs" / f"{t.config}.yaml"
+            check = subprocess.run(
+                [str(PROJECT_PY), "-m", "proxy", "check", "--config", str(config)],
+                capture_output=True,
+                env={**os.environ, **env},
+                cwd=REPO,
+                check=False,
+            )
+            if check.returncode != 0:
+                why = check.stderr.decode(errors="replace").strip().replace("\n", " ")
+                return f"skipped: `chat-proxy check` refused {config.name}: {why}"
+            argv = [str(PROJECT_PY), "-m", "proxy", "serve", "--config", str(config)]
+            ready_timeout = 30.0
+        elif t.kind == "litellm":
+            if not LITELLM.exists():
+                return "skipped: the LiteLLM proxy is not installed (bench/.venv-litellm)"
+            argv = [
+                str(LITELLM),
+                "--config",
+                str(self.run / "litellm.yaml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(t.port),
+                "--num_workers",
+                "1",
+            ]
+            env = {
+                "LITELLM_LOG": "ERROR",
+                "LITELLM_MASTER_KEY": LITELLM_KEY,
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "LITELLM_TELEMETRY": "False",
+                "DISABLE_SCHEMA_UPDATE": "true",
+                "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true",
+                "USE_PRISMA_MIGRATE": "False",
+                "HOME": str(self.run),
+            }
+            ready_timeout = 180.0
+        else:
+            raise ValueError(t.kind)
+        t.proc = self.procs.start(name, argv, "server", env)
+        probe_headers = dict(t.headers)
+        wait_ready(
+            t.proc, t.url("json", 0), request_body("bench-json"), probe_headers, ready_timeout, log
+        )
+        return None
+
+    def stop_target(self, t: Target) -> None:
+        if t.proc is not None:
+            self.procs.stop(t.proc)
+            t.proc = None
+
+    def wrk(self, url: str, conns: int, duration: float, headers: dict[str, str]) -> dict[str, Any]:
+        out = self.procs.run_tool(
+            [
+                "wrk",
+                "-t1",
+                f"-c{conns}",
+                f"-d{max(1, round(duration))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(BENCH / "wrk.lua"),
+                url,
+            ],
+            env={
+                "BENCH_BODY": str(self.files["json"]),
+                "BENCH_HEADERS": "|".join(f"{k}: {v}" for k, v in headers.items()),
+            },
+            timeout=duration + 60,
+        )
+        m = re.search(r"^BENCH_JSON (.*)$", out, re.M)
+        if m is None:
+            raise RuntimeError(f"wrk printed no result:\n{out[-800:]}")
+        res: dict[str, Any] = json.loads(m.group(1))
+        secs = res["duration_us"] / 1e6
+        errs = sum(res["errors"].values())
+        res["rps"] = (res["requests"] - res["errors"]["status"]) / secs if secs else 0.0
+        res["error_count"] = errs
+        res["latency_ms"] = {k: v / 1000 for k, v in res.pop("latency_us").items()}
+        return res
+
+    def loadgen(
+        self, mode: str, url: str, body: str, headers: dict[str, str], **opts: Any
+    ) -> dict[str, Any]:
+        argv = [
+            str(PROJECT_PY),
+            str(BENCH / "loadgen.py"),
+            mode,
+            "--url",
+            url,
+            "--body",
+            str(self.files[body]),
+        ]
+        for k, v in headers.items():
+            argv += ["--header", f"{k}: {v}"]
+        for k, v in opts.items():
+            argv += [f"--{k}", str(v)]
+        out = self.procs.run_tool(argv, timeout=float(opts.get("duration", 30)) + 120)
+        res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return res
+
+    def one(self, t: Target, scenario: str, seconds: float) -> dict[str, Any]:
+        """One measurement of one scenario on one target, with the CPU time the
+        target spent on it (a figure that other work on the machine hardly moves)."""
+        cpu0 = proc_cpu_seconds(t.proc.pid) if t.proc is not None else None
+        res = self._one(t, scenario, seconds)
+        if cpu0 is not None and t.proc is not None:
+            cpu = proc_cpu_seconds(t.proc.pid) - cpu0
+            if scenario.startswith("json") and res["requests"]:
+                res["cpu_us_per_request"] = cpu / res["requests"] * 1e6
+            elif scenario == "events" and res.get("all_events"):
+                res["cpu_us_per_event"] = cpu / res["all_events"] * 1e6
+        return res
+
+    def _one(self, t: Target, scenario: str, seconds: float) -> dict[str, Any]:
+        bp = self.ports["backend"]
+        if scenario in ("json_c1", "json_c64"):
+            return self.wrk(t.url("json", bp), int(scenario[6:]), seconds, t.headers)
+        if scenario == "ttfb":
+            return self.loadgen(
+                "ttfb",
+                t.url("sse", bp),
+                "sse_tools" if t.tools else "sse",
+                t.headers,
+                duration=seconds,
+                concurrency=1,
+                expect=self.args.short_events,
+            )
+        if scenario == "events":
+            return self.loadgen(
+                "events",
+                t.url("long", bp),
+                "long_tools" if t.tools else "long",
+                t.headers,
+                duration=seconds,
+                concurrency=self.args.stream_clients,
+                expect=self.args.long_events,
+            )
+        raise ValueError(scenario)
+
+    def measure_all(self, ts: list[Target]) -> dict[str, dict[str, Any]]:
+        """Every scenario on every running target, in interleaved rounds: each round
+        measures every target for duration/rounds seconds, in a rotating order, so
+        that a burst of other work on the machine hits all of them alike; the figures
+        are the medians over the rounds."""
+        rounds = max(1, self.args.rounds)
+        seconds = max(1.0, round(self.args.duration / rounds))
+        for t in ts:
+            if t.json_c:
+                self.wrk(t.url("json", self.ports["backend"]), 16, 1, t.headers)  # warm-up
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {t.name: {} for t in ts}
+        for scenario in SCENARIOS:
+            runs = [t for t in ts if (t.json_c if scenario.startswith("json") else t.streams)]
+            for r in range(rounds):
+                k = r % len(runs) if runs else 0
+                for t in runs[k:] + runs[:k]:
+                    try:
+                        res = self.one(t, scenario, seconds)
+                    except Exception as exc:
+                        say(f"  {t.name}: {scenario} failed: {exc}")
+                        continue
+                    raw[t.name].setdefault(scenario, []).append(res)
+            for t in runs:
+                got = raw[t.name].get(scenario)
+                if got:
+                    say(describe(t.name, scenario, merge(scenario, got)))
+        return {name: {sc: merge(sc, got) for sc, got in per.items()} for name, per in raw.items()}
+
+    def profile(self, t: Target) -> None:
+        """py-spy on the server under the c=64 load (and under long streams), not
+        counted: the collapsed stacks go to results/profile-<name>-<what>.txt."""
+        pyspy = BENCH / ".venv-tools" / "bin" / "py-spy"
+        if t.proc is None or not pyspy.exists() or t.kind not in ("chat-proxy", "bare"):
+            return
+        name = t.name.replace(" ", "-")
+        bp = self.ports["backend"]
+        jobs: list[tuple[str, list[str], dict[str, str]]] = []
+        if t.json_c:
+            jobs.append(
+                (
+                    "json",
+                    [
+                        "wrk",
+                        "-t1",
+                        "-c64",
+                        f"-d{round(self.args.profile_seconds) + 1}s",
+                        "-s",
+                        str(BENCH / "wrk.lua"),
+                        t.url("json", bp),
+                    ],
+                    {
+                        "BENCH_BODY": str(self.files["json"]),
+                        "BENCH_HEADERS": "|".join(f"{k}: {v}" for k, v in t.headers.items()),
+                    },
+                )
+            )
+        if t.streams:
+            body = self.files["long_tools" if t.tools else "long"]
+            argv = [
+                str(PROJECT_PY),
+                str(BENCH / "loadgen.py"),
+                "events",
+                "--url",
+                t.url("long", bp),
+                "--body",
+                str(body),
+                "--duration",
+                str(self.args.profile_seconds + 1),
+                "--concurrency",
+                str(self.args.stream_clients),
+            ]
+            for k, v in t.headers.items():
+                argv += ["--header", f"{k}: {v}"]
+            jobs.append(("stream", argv, {}))
+        for what, argv, env in jobs:
+            out = RESULTS / f"profile-{name}-{what}.txt"
+            cpu = self.procs.cpus.get("load")
+            load = subprocess.Popen(
+                (["taskset", "-c", cpu] if cpu else []) + argv,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, **env},
+                cwd=REPO,
+            )
+            time.sleep(0.5)
+            subprocess.run(
+                [
+                    str(pyspy),
+                    "record",
+                    "--pid",
+                    str(t.proc.pid),
+                    "--duration",
+                    str(max(1, round(self.args.profile_seconds))),
+                    "--rate",
+                    "250",
+                    "--function",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    "--nonblocking",
+                ],
+                capture_output=True,
+                check=False,
+            )
+            load.wait(self.args.profile_seconds + 60)
+            if out.exists():
+                summary = summarise_profile(out)
+                out.with_suffix(".summary.txt").write_text(summary + "\n")
+                say(f"{t.name}, profile under the {what} load: {out.relative_to(REPO)}")
+                say(summary)
+
+    def streams1000(self, config: str, headers: dict[str, str]) -> dict[str, Any]:
+        t = Target(f"chat-proxy {config}", "chat-proxy", config, headers=headers)
+        why = self.start_target(t)
+        if why is not None:
+            return {"skipped": why}
+        assert t.proc is not None
+        try:
+            pid = t.proc.pid
+            base = proc_status(pid)
+            cpu0 = proc_cpu_seconds(pid)
+            cpu = self.procs.cpus.get("load")
+            argv = [
+                str(PROJECT_PY),
+                str(BENCH / "loadgen.py"),
+                "streams",
+                "--url",
+                t.url("slow", 0),
+                "--body",
+                str(self.files["slow"]),
+                "--n",
+                str(self.args.streams),
+                "--ramp",
+                "1.0",
+                "--expect",
+                str(self.args.slow_events + 1),
+                "--timeout",
+                "120",
+            ]
+            for k, v in headers.items():
+                argv += ["--header", f"{k}: {v}"]
+            load = subprocess.Popen(
+                (["taskset", "-c", cpu] if cpu else []) + argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=REPO,
+            )
+            peak = 0
+            samples: list[tuple[float, int]] = []
+            t0 = time.monotonic()
+            while load.poll() is None:
+                rss = proc_status(pid).get("VmRSS", 0)
+                peak = max(peak, rss)
+                samples.append((round(time.monotonic() - t0, 2), rss))
+                time.sleep(0.1)
+            out, err = load.communicate()
+            if load.returncode != 0:
+                raise RuntimeError(f"loadgen streams failed: {err.decode()[-800:]}")
+            res: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+            end = proc_status(pid)
+            res.update(
+                {
+                    "rss_start_mb": base.get("VmRSS", 0) / 1024,
+                    "rss_peak_sampled_mb": peak / 1024,
+                    "vmhwm_mb": end.get("VmHWM", 0) / 1024,
+                    "cpu_seconds": proc_cpu_seconds(pid) - cpu0,
+                    "rss_samples": samples[:: max(1, len(samples) // 100)],
+                }
+            )
+            return res
+        finally:
+            self.stop_target(t)
+
+
+SCENARIOS = ("json_c1", "json_c64", "ttfb", "events")
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def merge(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one scenario on one target: counts added, rates and each
+    percentile the median over the rounds."""
+    out: dict[str, Any] = {"rounds": len(runs)}
+    if scenario.startswith("json"):
+        out["rps"] = median([r["rps"] for r in runs])
+        out["rps_rounds"] = [round(r["rps"], 1) for r in runs]
+        out["requests"] = sum(r["requests"] for r in runs)
+        out["errors"] = {k: sum(r["errors"][k] for r in runs) for k in runs[0]["errors"]}
+        out["error_count"] = sum(r["error_count"] for r in runs)
+        out["latency_ms"] = {
+            p: median([r["latency_ms"][p] for r in runs]) for p in runs[0]["latency_ms"]
+        }
+        cpu = [r["cpu_us_per_request"] for r in runs if "cpu_us_per_request" in r]
+        if cpu:
+            out["cpu_us_per_request"] = median(cpu)
+    elif scenario == "ttfb":
+        ok = [r for r in runs if r["ttfb_ms"]]
+        out["requests"] = sum(r["requests"] for r in runs)
+        out["incomplete"] = sum(r["incomplete"] for r in runs)
+        out["error_count"] = sum(r["error_count"] for r in runs)
+        out["errors"] = [e for r in runs for e in r["errors"]][:5]
+        for key in ("ttfb_ms", "total_ms"):
+            out[key] = {p: median([r[key][p] for r in ok]) for p in ok[0][key]} if ok else {}
+    else:
+        out["events_per_second"] = median([r["events_per_second"] for r in runs])
+        out["eps_rounds"] = [round(r["events_per_second"]) for r in runs]
+        cpu = [r["cpu_us_per_event"] for r in runs if "cpu_us_per_event" in r]
+        if cpu:
+            out["cpu_us_per_event"] = median(cpu)
+        out["events"] = sum(r["events"] for r in runs)
+        out["streams"] = sum(r["streams"] for r in runs)
+        out["incomplete"] = sum(r["incomplete"] for r in runs)
+        out["error_count"] = sum(r["error_count"] for r in runs)
+        out["errors"] = [e for r in runs for e in r["errors"]][:5]
+    return out
+
+
+def describe(name: str, scenario: str, r: dict[str, Any]) -> str:
+    head = f"  {name:26} "
+    if scenario.startswith("json"):
+        text = (
+            f"{scenario:9} {r['rps']:9.0f} req/s  p50 {r['latency_ms']['50']:.3f} ms  "
+            f"p99 {r['latency_ms']['99']:.3f} ms  (rounds: {', '.join(f'{x:.0f}' for x in r['rps_rounds'])})"
+        )
+        if "cpu_us_per_request" in r:
+            text += f"  cpu {r['cpu_us_per_request']:.0f} us/req"
+        if r["error_count"]:
+            text += f"  ERRORS {r['errors']}"
+    elif scenario == "ttfb":
+        text = (
+            f"ttfb      p50 {r['ttfb_ms'].get('50', 0):.3f} ms  p99 {r['ttfb_ms'].get('99', 0):.3f} ms  "
+            f"({r['requests']} streams)"
+        )
+        if r["incomplete"] or r["error_count"]:
+            text += f"  INCOMPLETE {r['incomplete']} ERRORS {r['error_count']} {r['errors']}"
+    else:
+        text = (
+            f"events/s  {r['events_per_second']:9.0f}  ({r['streams']} streams; rounds: "
+            f"{', '.join(str(x) for x in r['eps_rounds'])})"
+        )
+        if "cpu_us_per_event" in r:
+            text += f"  cpu {r['cpu_us_per_event']:.2f} us/event"
+        if r["incomplete"] or r["error_count"]:
+            text += f"  INCOMPLETE {r['incomplete']} ERRORS {r['error_count']} {r['errors']}"
+    return head + text
+
+
+_IDLE = ("_worker (concurrent/futures/thread.py", "EpollSelector.select", "Condition.wait")
+
+
+def summarise_profile(path: Path, top: int = 20) -> str:
+    """Where the server's CPU went, from py-spy's collapsed stacks (--function):
+    each sample is charged to the innermost function of proxy/ (or bench/) on its
+    stack, so that library time (aiohttp, json, logging) counts against the proxy
+    code that asked for it; samples with no such frame are the server's own
+    machinery (aiohttp's HTTP parsing and writing, the event loop)."""
+    owners: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    idle = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        frames = [
+            re.sub(r"\(/.*?/(?:site-packages|lib/python3\.\d+|main)/", "(", f)
+            for f in stack.split(";")
+        ]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        if frames and frames[-1].startswith(_IDLE):
+            idle += count
+            continue
+        total += count
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        owner = "(aiohttp server and event loop, outside proxy code)"
+        for f in frames:
+            if ("(proxy/" in f or "bare_relay.py" in f) and not re.search(
+                r"\((proxy/(cli|server|__main__|chain)\.py|<frozen)", f
+            ):
+                owner = f
+        owners[owner] = owners.get(owner, 0) + count
+    if not total:
+        return "  (no samples)"
+    lines = [
+        f"  {total} busy samples ({idle} idle left out); charged to the innermost proxy function:"
+    ]
+    for f, c in sorted(owners.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * c / total:5.1f}%  {f}")
+    lines.append("  leaf functions (self time):")
+    for f, c in sorted(leaves.items(), key=lambda kv: -kv[1])[: top // 2]:
+        lines.append(f"    {100 * c / total:5.1f}%  {f}")
+    return "\n".join(lines)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- the report ---------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_mb": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def run(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+            return (p.stdout + p.stderr).decode(errors="replace").strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    out["aiohttp"] = run([str(PROJECT_PY), "-c", "import aiohttp; print(aiohttp.__version__)"])
+    m = re.search(r"nginx/(\S+)", run(["nginx", "-v"]))
+    out["nginx"] = m.group(1) if m else "?"
+    m = re.search(r"wrk (\S+)", run(["wrk", "-v"]))
+    out["wrk"] = m.group(1) if m else "?"
+    lp = BENCH / ".venv-litellm" / "bin" / "python"
+    if lp.exists():
+        out["litellm"] = run(
+            [str(lp), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
+        )
+    out["chat-proxy"] = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    return out
+
+
+def g(d: dict[str, Any] | None, *path: str) -> Any:
+    cur: Any = d
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def checks(
+    results: dict[str, Any], streams: dict[str, Any], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    T = results
+    out: list[dict[str, Any]] = []
+
+    def add(
+        what: str, value: float | None, op: str, limit: float, unit: str = "", note: str = ""
+    ) -> None:
+        ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        out.append(
+            {
+                "target": what,
+                "value": value,
+                "op": op,
+                "limit": limit,
+                "unit": unit,
+                "pass": ok,
+                "note": note,
+            }
+        )
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+    def diff(a: Any, b: Any) -> float | None:
+        return a - b if isinstance(a, int | float) and isinstance(b, int | float) else None
+
+    bare64 = g(T, "bare_relay", "json_c64", "rps")
+    bare_cpu = g(T, "bare_relay", "json_c64", "cpu_us_per_request")
+    for name, limit in (("full", 0.5), ("empty", 0.9)):
+        cpu = g(T, f"chat-proxy {name}", "json_c64", "cpu_us_per_request")
+        add(
+            f"{name} chain / bare relay, req/s at c=64",
+            ratio(g(T, f"chat-proxy {name}", "json_c64", "rps"), bare64),
+            ">=",
+            limit,
+            "x",
+            f"by CPU time per request: {fmt(ratio(bare_cpu, cpu), 2)} x "
+            f"({fmt(cpu, 0)} vs {fmt(bare_cpu, 0)} µs)",
+        )
+    b50 = g(T, "backend", "json_c1", "latency_ms", "50")
+    for name in ("chat-proxy empty", "chat-proxy full"):
+        add(
+            f"p50 latency added at c=1, {name.split()[-1]} chain (vs backend directly)",
+            diff(g(T, name, "json_c1", "latency_ms", "50"), b50),
+            "<=",
+            0.3,
+            "ms",
+            f"bare relay adds {fmt(diff(g(T, 'bare_relay', 'json_c1', 'latency_ms', '50'), b50), 3)} ms",
+        )
+    t50 = g(T, "backend", "ttfb", "ttfb_ms", "50")
+    for name in ("chat-proxy empty", "chat-proxy full"):
+        add(
+            f"stream time to first byte added, p50, {name.split()[-1]} chain",
+            diff(g(T, name, "ttfb", "ttfb_ms", "50"), t50),
+            "<=",
+            0.5,
+            "ms",
+            f"bare relay adds {fmt(diff(g(T, 'bare_relay', 'ttfb', 'ttfb_ms', '50'), t50), 3)} ms",
+        )
+    add(
+        "SSE events/s relayed, pass-through (empty chain)",
+        g(T, "chat-proxy empty", "events", "events_per_second"),
+        ">=",
+        50000,
+        "/s",
+    )
+    add(
+        "SSE events/s relayed, tool_keywords active",
+        g(T, "chat-proxy tool_keywords", "events", "events_per_second"),
+        ">=",
+        20000,
+        "/s",
+    )
+    for config, s in streams.items():
+        if "skipped" in s:
+            add(
+                f"{args.streams} streams, {config} chain: peak RSS",
+                None,
+                "<=",
+                150,
+                "MB",
+                s["skipped"],
+            )
+            continue
+        complete = s["completed"] == s["streams"]
+        add(
+            f"{args.streams} streams, {config} chain: peak RSS (all complete: {'yes' if complete else 'NO'})",
+            max(s["vmhwm_mb"], s["rss_peak_sampled_mb"]) if complete else None,
+            "<=",
+            150,
+            "MB",
+            f"{s['completed']}/{s['streams']} completed"
+            + (f"; {s['errors']}" if s["errors"] else ""),
+        )
+    full = g(T, "chat-proxy full", "json_c64", "rps")
+    add(
+        "full chain / LiteLLM, req/s at c=64",
+        ratio(full, g(T, "litellm", "json_c64", "rps")),
+        ">=",
+        50,
+        "x",
+        "by CPU time per request: "
+        + fmt(
+            ratio(
+                g(T, "litellm", "json_c64", "cpu_us_per_request"),
+                g(T, "chat-proxy full", "json_c64", "cpu_us_per_request"),
+            ),
+            1,
+        )
+        + " x",
+    )
+    return out
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    T = report["results"]
+    m = report["machine"]
+    lines = [
+        f"### chat-proxy benchmark, {report['date']}",
+        "",
+        f"Machine: {m['nproc']} cores, {m['cpu']}, {m['memory_mb'] // 1024} GiB; Linux {m['kernel']}, "
+        f"Python {m['python']}; {report['pinning']}. Load average before the run: {report['load_before']}"
+        + (
+            " — **the machine was shared with other work during this run; expect noise.**"
+            if report["shared"]
+            else "."
+        ),
+        f"Each scenario {report['duration']:g} s. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| | req/s c=1 | p50 ms | p99 ms | req/s c=64 | p50 ms | p99 ms | CPU µs/req c=64 | stream TTFB p50 ms | p99 ms | TTFB added p50 / p99 ms | SSE events/s | CPU µs/event |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    t50 = g(T, "backend", "ttfb", "ttfb_ms", "50")
+    t99 = g(T, "backend", "ttfb", "ttfb_ms", "99")
+    for name, r in T.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['skipped']} |" + " |" * 11)
+            continue
+        c1 = r.get("json_c1", {})
+        c64 = r.get("json_c64", {})
+        tt = g(r, "ttfb", "ttfb_ms") or {}
+        added = ""
+        if tt and name != "backend" and t50 is not None:
+            added = f"{tt['50'] - t50:+.3f} / {tt['99'] - t99:+.3f}"
+        lines.append(
+            f"| {name} | {fmt(c1.get('rps'), 0)} | {fmt(g(c1, 'latency_ms', '50'), 3)} | {fmt(g(c1, 'latency_ms', '99'), 3)} "
+            f"| {fmt(c64.get('rps'), 0)} | {fmt(g(c64, 'latency_ms', '50'), 3)} | {fmt(g(c64, 'latency_ms', '99'), 3)} "
+            f"| {fmt(c64.get('cpu_us_per_request'), 0)} "
+            f"| {fmt(tt.get('50'), 3) if tt else '-'} | {fmt(tt.get('99'), 3) if tt else '-'} | {added or '-'} "
+            f"| {fmt(g(r, 'events', 'events_per_second'), 0)} | {fmt(g(r, 'events', 'cpu_us_per_event'), 2)} |"
+        )
+    lines += ["", "| target | measured | limit | result | note |", "|---|---:|---:|---|---|"]
+    for c in report["checks"]:
+        res = "-" if c["pass"] is None else ("PASS" if c["pass"] else "**FAIL**")
+        if c["pass"] is None:
+            res = "not measured"
+        digits = 3 if c["unit"] == "ms" else (0 if c["unit"] == "/s" else 2)
+        val = fmt(c["value"], digits)
+        lines.append(
+            f"| {c['target']} | {val} {c['unit']} | {c['op']} {fmt(c['limit'], 0 if c['limit'] >= 10 else 1)} {c['unit']} | {res} | {c['note']} |"
+        )
+    if report["streams"]:
+        lines += [
+            "",
+            f"| {report['args']['streams']} concurrent streams ({report['args']['slow_events']} events, one every {report['args']['slow_interval'] * 1000:g} ms) | completed | RSS at start MB | peak RSS MB | proxy CPU s | stream seconds p50 / p99 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for config, s in report["streams"].items():
+            if "skipped" in s:
+                lines.append(f"| chat-proxy {config} | {s['skipped']} | | | | |")
+                continue
+            ss = s.get("stream_seconds", {})
+            lines.append(
+                f"| chat-proxy {config} | {s['completed']}/{s['streams']} | {s['rss_start_mb']:.1f} | {max(s['vmhwm_mb'], s['rss_peak_sampled_mb']):.1f} "
+                f"| {s['cpu_seconds']:.1f} | {fmt(ss.get('50'), 2)} / {fmt(ss.get('99'), 2)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Benchmark chat-proxy against a bare relay, nginx and LiteLLM."
+    )
+    parser.add_argument(
+        "--duration", type=float, default=6.0, help="seconds per scenario and target"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds the duration is split into"
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated target names or kinds (backend is always measured)",
+    )
+    parser.add_argument(
+        "--no-streams1000", action="store_true", help="skip the 1,000-stream memory scenario"
+    )
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--slow-events", type=int, default=50)
+    parser.add_argument("--slow-interval", type=float, default=0.1)
+    parser.add_argument("--short-events", type=int, default=12)
+    parser.add_argument("--long-events", type=int, default=2000)
+    parser.add_argument("--stream-clients", type=int, default=4)
+    parser.add_argument("--log-level", default="info", help="chat-proxy's server.log_level")
+    parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record py-spy profiles of chat-proxy under load",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--output",
+        default=str(RESULTS / "latest"),
+        help="path prefix of the .json/.png/.md results",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the run directory (logs, configs)"
+    )
+    args = parser.parse_args()
+
+    ncpu = os.cpu_count() or 1
+    pin = not args.no_pin and ncpu >= 2 and shutil.which("taskset") is not None
+    cpus: dict[str, str | None] = (
+        {"server": str(ncpu - 1), "load": "0", "backend": "0"} if pin else {}
+    )
+    pinning = (
+        f"proxy under test pinned to CPU {ncpu - 1}; load generators and backends to CPU 0 (taskset)"
+        if pin
+        else "no CPU pinning"
+    )
+    run = Path(tempfile.mkdtemp(prefix="chat-proxy-bench-"))
+    run.chmod(0o755)  # nginx workers run as another user and read the canned files here
+    procs = Procs(run, cpus)
+    pidfile = os.environ.get("BENCH_PIDFILE")
+    if pidfile:
+        Path(pidfile).write_text(str(run / "pids"))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        procs.stop_all()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    RESULTS.mkdir(exist_ok=True)
+    bench = Bench(args, procs, run)
+    selected = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    if selected:
+        selected.add("backend")
+    load_before = os.getloadavg()[0]
+    say(f"run directory: {run}; {pinning}; load average {load_before:.2f}")
+    try:
+        for name in ("backend", "slow", "nginx"):
+            bench.ports[name] = free_port()
+        bench.write_files()
+        bench.start_backends()
+        results: dict[str, Any] = {}
+        running: list[Target] = []
+        for t in targets(selected):
+            try:
+                why = bench.start_target(t)
+            except Exception as exc:
+                why = f"failed to start: {str(exc).splitlines()[0][:300]}"
+                bench.stop_target(t)
+            if why is not None:
+                say(f"{t.name}: {why}")
+                results[t.name] = {"skipped": why}
+            else:
+                say(f"{t.name}: started" + (f" (pid {t.proc.pid})" if t.proc else ""))
+                running.append(t)
+        measured = bench.measure_all(running)
+        for t in targets(selected):
+            if t.name in measured:
+                results[t.name] = measured[t.name]
+            else:
+                results[t.name] = results.pop(t.name)
+        if args.profile:
+            for t in running:
+                bench.profile(t)
+        for t in running:
+            bench.stop_target(t)
+        streams: dict[str, Any] = {}
+        if not args.no_streams1000 and (
+            not selected or selected & {"chat-proxy", "chat-proxy empty", "chat-proxy full"}
+        ):
+            for config, headers in (("empty", {}), ("full", {"X-API-Key": KEY})):
+                if selected and not selected & {"chat-proxy", f"chat-proxy {config}"}:
+                    continue
+                say(f"{args.streams} streams, chat-proxy {config}:")
+                try:
+                    s = bench.streams1000(config, headers)
+                except Exception as exc:
+                    s = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
+                streams[config] = s
+                if "skipped" in s:
+                    say(f"  {s['skipped']}")
+                else:
+                    say(
+                        f"  {s['completed']}/{s['streams']} completed in {s['seconds']:.1f} s; RSS "
+                        f"{s['rss_start_mb']:.1f} MB at start, peak {max(s['vmhwm_mb'], s['rss_peak_sampled_mb']):.1f} MB"
+                        + (f"; {s['errors']}" if s["errors"] else "")
+                    )
+        load_after = os.getloadavg()[0]
+        report: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(),
+            "versions": versions(),
+            "pinning": pinning,
+            "load_before": round(load_before, 2),
+            "load_after": round(load_after, 2),
+            "shared": load_before > 0.7,
+            "duration": args.duration,
+            "args": vars(args),
+            "results": results,
+            "streams": streams,
+        }
+        report["checks"] = checks(results, streams, args)
+        text = markdown(report)
+        report["markdown"] = text
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(text)
+        say("")
+        say(text)
+        if TOOLS_PY.exists():
+            chart = subprocess.run(
+                [
+                    str(TOOLS_PY),
+                    str(BENCH / "chart.py"),
+                    str(out.with_suffix(".json")),
+                    str(out.with_suffix(".png")),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            if chart.returncode == 0:
+                say(
+                    f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}"
+                )
+            else:
+                say(f"chart failed: {chart.stderr.decode()[-500:]}")
+        else:
+            say(
+                f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')} (no chart: bench/.venv-tools missing)"
+            )
+        return 0
+    finally:
+        procs.stop_all()
+        if args.keep:
+            say(f"kept {run}")
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
