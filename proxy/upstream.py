@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 from typing import Any
 
 import aiohttp
@@ -58,6 +59,17 @@ class Failure(Exception):
         self.retry_after = retry_after
 
 
+_OWN_ID = re.compile(r"^req_[0-9a-f]{32}$")
+
+
+def upstream_request_id(request_id: str) -> str:
+    """The X-Request-Id sent to the backend: the proxy's own ids (`req_` + 32 hex
+    digits) go without the prefix, so that they also parse as a UUID, which
+    llama-cpp-python's server demands (it answers any other value with an empty 400);
+    a client's own id goes as it came."""
+    return request_id[4:] if _OWN_ID.match(request_id) else request_id
+
+
 def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
     drop = ex.upstream_drop_headers
     headers = {
@@ -65,7 +77,7 @@ def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
         for k, v in ex.request.headers.items()
         if k.lower() not in _DROP_REQUEST and k.lower() not in drop
     }
-    headers["X-Request-Id"] = ex.request_id
+    headers["X-Request-Id"] = upstream_request_id(ex.request_id)
     headers.update(ex.upstream_headers)
     headers.update(up.auth)
     if ex.body is not None:
@@ -120,9 +132,14 @@ async def _open(
                 if after is not None and resp.status in (429, 503):
                     err.headers["Retry-After"] = str(max(1, round(after)))
                 raise Failure(f"http_{resp.status}", err, retryable, after)
+            proto = resp.connection.protocol if resp.connection is not None else None
             first = await resp.content.readany()
             if not first and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                 resp.close()
+                # the empty body was complete, so aiohttp already pooled the connection,
+                # which the backend (llama-cpp-python) closes next: never reuse it
+                if proto is not None:
+                    proto.close()
                 raise Failure(
                     "empty",
                     ProxyError(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-from collections.abc import Iterator
-from typing import NoReturn
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -52,3 +56,82 @@ def llama_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaBac
         yield LlamaBackend(base_url=server.base_url, model=server.model_id)
     finally:
         server.stop()
+
+
+# -- the proxy in front of the llama backend ---------------------------------------
+
+LlamaProxyFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def llama_proxy(make_proxy: Any, llama_backend: LlamaBackend) -> LlamaProxyFactory:
+    """llama_proxy(yaml_text, env=None) -> a TestClient of the proxy, in process.
+
+    ``{llama}`` in the YAML becomes the llama server's base URL (``/v1`` included)
+    and ``{llama_model}`` the model id it serves.
+    """
+
+    async def factory(text: str, env: dict[str, str] | None = None) -> Any:
+        text = text.replace("{llama}", llama_backend.base_url)
+        text = text.replace("{llama_model}", llama_backend.model)
+        return await make_proxy(text, None, env)
+
+    return factory
+
+
+# -- the OpenAI Node SDK as a client ----------------------------------------------
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_HINT = "run `make e2e-deps` (npm install in tests/e2e/node)"
+
+
+class NodeSDK:
+    """Runs ``node <script> <base_url> <api_key> <params-json>`` in tests/e2e/node and
+    returns the JSON object the script prints. Runs as an asyncio subprocess, so an
+    in-process proxy on the same event loop keeps serving while it waits."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    async def run(
+        self,
+        base_url: str,
+        api_key: str,
+        params: dict[str, Any] | None = None,
+        *,
+        script: str = "chat.mjs",
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        args = [str(NODE_DIR / script), base_url, api_key]
+        if params is not None:
+            args.append(json.dumps(params))
+        proc = await asyncio.create_subprocess_exec(
+            self.node,
+            *args,
+            cwd=str(NODE_DIR),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode == 0, f"node {script} exited {proc.returncode}:\n{err.decode()}"
+        result = json.loads(out)
+        assert isinstance(result, dict), out
+        return result
+
+
+@pytest.fixture(scope="session")
+def node_sdk() -> NodeSDK:
+    """The OpenAI Node SDK runner; skips locally (fails under CI=true) without
+    ``node`` or without tests/e2e/node/node_modules."""
+    node = shutil.which("node")
+    if node is None:
+        _skip_or_fail(f"node is not installed: install Node.js 18+, then {NODE_HINT}")
+    if not (NODE_DIR / "node_modules" / "openai" / "package.json").is_file():
+        _skip_or_fail(f"the OpenAI Node SDK is not installed: {NODE_HINT}")
+    return NodeSDK(node)
