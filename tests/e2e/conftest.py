@@ -6,9 +6,10 @@ import asyncio
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import pytest
 
@@ -135,3 +136,65 @@ def node_sdk() -> NodeSDK:
     if not (NODE_DIR / "node_modules" / "openai" / "package.json").is_file():
         _skip_or_fail(f"the OpenAI Node SDK is not installed: {NODE_HINT}")
     return NodeSDK(node)
+
+
+# -- curl as a client --------------------------------------------------------------
+
+
+class CurlResult(NamedTuple):
+    status: int
+    headers: dict[str, str]  # lower-case names; the last value of a repeated header
+    body: bytes
+
+
+class Curl:
+    """Runs the `curl` command line (as an asyncio subprocess, so that an in-process
+    proxy keeps serving) and returns the status, headers and body it got."""
+
+    def __init__(self, curl: str, workdir: Path) -> None:
+        self.curl = curl
+        self.workdir = workdir
+
+    async def run(self, url: str, *args: str, timeout: float = 30.0) -> CurlResult:
+        out = self.workdir / f"body-{uuid.uuid4().hex}"
+        head = out.with_suffix(".headers")
+        proc = await asyncio.create_subprocess_exec(
+            self.curl,
+            "-sS",
+            "-o",
+            str(out),
+            "-D",
+            str(head),
+            "-w",
+            "%{http_code}",
+            *args,
+            url,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            status, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode == 0, f"curl exited {proc.returncode}: {err.decode()}"
+        headers: dict[str, str] = {}
+        for line in head.read_text("latin-1").splitlines()[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        body = out.read_bytes()
+        out.unlink()
+        head.unlink()
+        return CurlResult(int(status), headers, body)
+
+
+@pytest.fixture(scope="session")
+def curl(tmp_path_factory: pytest.TempPathFactory) -> Curl:
+    """The curl runner; skips locally (fails under CI=true) without `curl`."""
+    found = shutil.which("curl")
+    if found is None:
+        _skip_or_fail("curl is not installed")
+    return Curl(found, tmp_path_factory.mktemp("curl"))
