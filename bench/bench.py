@@ -916,6 +916,40 @@ def say(text: str) -> None:
 # --- the report ---------------------------------------------------------------------
 
 
+def cpu_stat() -> list[int]:
+    """The machine's CPU time so far (/proc/stat, in ticks): user, nice, system,
+    idle, iowait, irq, softirq, steal."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return [0] * 8
+
+
+def other_work(stat0: list[int], times0: os.times_result) -> dict[str, float]:
+    """How much of the machine other work took during the run: the busy CPU time of
+    the whole machine less that of this run (this process and every process it
+    started and waited for, load generators included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stat1, times1 = cpu_stat(), os.times()
+    d = [(b - a) / tick for a, b in zip(stat0, stat1, strict=True)]
+    # irq and softirq time is left out: loopback traffic (ours) is mostly counted there
+    busy = d[0] + d[1] + d[2]
+    wall = sum(d)
+    ours = sum(
+        getattr(times1, k) - getattr(times0, k)
+        for k in ("user", "system", "children_user", "children_system")
+    )
+    other = max(0.0, busy - ours)
+    return {
+        "machine_cpu_seconds": round(wall, 1),
+        "busy_cpu_seconds": round(busy, 1),
+        "bench_cpu_seconds": round(ours, 1),
+        "other_cpu_seconds": round(other, 1),
+        "other_cpu_share": round(other / wall, 3) if wall else 0.0,
+        "steal_cpu_seconds": round(d[7], 1),
+    }
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -1099,12 +1133,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"### chat-proxy benchmark, {report['date']}",
         "",
         f"Machine: {m['nproc']} cores, {m['cpu']}, {m['memory_mb'] // 1024} GiB; Linux {m['kernel']}, "
-        f"Python {m['python']}; {report['pinning']}. Load average before the run: {report['load_before']}"
-        + (
-            " — **the machine was shared with other work during this run; expect noise.**"
-            if report["shared"]
-            else "."
-        ),
+        f"Python {m['python']}; {report['pinning']}. Load average before the run: {report['load_before']}; "
+        f"other work took about {100 * report['other_work']['other_cpu_share']:.0f}% of the machine's CPU time during the run"
+        + (" — **the machine was shared; expect noise.**" if report["shared"] else "."),
         f"Each scenario {report['duration']:g} s. Versions: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
@@ -1229,6 +1260,7 @@ def main() -> int:
     if selected:
         selected.add("backend")
     load_before = os.getloadavg()[0]
+    stat0, times0 = cpu_stat(), os.times()
     say(f"run directory: {run}; {pinning}; load average {load_before:.2f}")
     try:
         for name in ("backend", "slow", "nginx"):
@@ -1281,7 +1313,9 @@ def main() -> int:
                         f"{s['rss_start_mb']:.1f} MB at start, peak {max(s['vmhwm_mb'], s['rss_peak_sampled_mb']):.1f} MB"
                         + (f"; {s['errors']}" if s["errors"] else "")
                     )
+        procs.stop_all()  # the backends too: what is left running now is not ours
         load_after = os.getloadavg()[0]
+        other = other_work(stat0, times0)
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine(),
@@ -1289,7 +1323,8 @@ def main() -> int:
             "pinning": pinning,
             "load_before": round(load_before, 2),
             "load_after": round(load_after, 2),
-            "shared": load_before > 0.7,
+            "other_work": other,
+            "shared": other["other_cpu_share"] > 0.10,
             "duration": args.duration,
             "args": vars(args),
             "results": results,
