@@ -235,6 +235,19 @@ async def _pump(
         )
         resp.close()
         return out
+    except Exception:
+        # the response has started: a 500 can no longer be sent, so end the stream
+        # with an error event rather than leave the client waiting
+        log.exception("stream relay failed", extra={"request_id": ex.request_id})
+        ex.error = "internal"
+        await _stream_error(
+            out,
+            ProxyError(
+                500, "The proxy failed to relay the rest of the stream.", code="internal_error"
+            ),
+        )
+        resp.close()
+        return out
     await out.write_eof()
     if ex.on_complete:
         await _finish(ex)
