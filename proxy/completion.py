@@ -29,7 +29,8 @@ class Accumulator:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", 0)
@@ -43,7 +44,8 @@ class Accumulator:
                 text = delta.get("content")
                 if isinstance(text, str) and text:
                     acc["content"] = (acc["content"] or "") + text
-                for call in delta.get("tool_calls") or ():
+                calls = delta.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
                     self._feed_tool(index, call)
             if choice.get("finish_reason"):
                 acc["finish_reason"] = choice["finish_reason"]
