@@ -59,7 +59,7 @@ async def relay(
     if ex.needs_parse and ctype.startswith("application/json"):
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = None
         if isinstance(doc, dict):
             for transform in reversed(ex.body_transforms):

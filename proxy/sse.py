@@ -42,7 +42,7 @@ class Event:
             if self.data is not None and self.data != "[DONE]":
                 try:
                     value = json.loads(self.data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     value = None
             self._json = value
         return self._json
