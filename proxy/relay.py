@@ -65,7 +65,8 @@ async def relay(
             for transform in reversed(ex.body_transforms):
                 doc = transform(doc)
             if ex.body_transforms:
-                body = json.dumps(doc, ensure_ascii=False).encode()
+                # backslashreplace: a lone surrogate goes out as the escape it came as
+                body = json.dumps(doc, ensure_ascii=False).encode("utf-8", "backslashreplace")
             ex.completion = doc
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype

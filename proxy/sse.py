@@ -166,7 +166,9 @@ def encode(event: Event) -> bytes:
         for line in event.data.split("\n"):
             parts.append(f"data: {line}\n")
     parts.append("\n")
-    return "".join(parts).encode()
+    # a lone surrogate (a backend's unpaired \ud800 escape, parsed) goes out as that
+    # same escape: it can only sit inside a JSON string
+    return "".join(parts).encode("utf-8", "backslashreplace")
 
 
 def data_event(payload: Any) -> Event:
