@@ -246,7 +246,8 @@ class SQLiteStore:
                     )
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # an I/O error may have rolled it back already
+                    con.execute("ROLLBACK")
                 raise
 
         await self._write(run)
@@ -267,7 +268,8 @@ class SQLiteStore:
                 n = self._delete(con, "s.owner = ? AND s.id = ?", (owner, session_id))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # an I/O error may have rolled it back already
+                    con.execute("ROLLBACK")
                 raise
             return n > 0
 
@@ -282,7 +284,8 @@ class SQLiteStore:
                 n = self._delete(con, "s.updated < ?", (before,))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # an I/O error may have rolled it back already
+                    con.execute("ROLLBACK")
                 raise
             return n
 
