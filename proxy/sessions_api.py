@@ -7,8 +7,9 @@ Scopes (sessions:read, sessions:write) are checked by the auth middleware.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -18,6 +19,9 @@ from proxy.store import Session, SessionStore, UnknownCursor
 
 if TYPE_CHECKING:
     from proxy.middleware.session import Writer
+
+log = logging.getLogger("chat_proxy.session")
+T = TypeVar("T")
 
 PREFIX = "/v1/sessions"
 DEFAULT_LIMIT = 20
@@ -71,6 +75,22 @@ def _method_not_allowed(method: str, path: str, allowed: str) -> ProxyError:
     )
 
 
+async def _ask(call: Awaitable[T]) -> T:
+    """A store call; a store that fails (Redis gone, a disk error) answers 503."""
+    try:
+        return await call
+    except UnknownCursor:
+        raise
+    except Exception as exc:
+        log.error("the session store failed: %s", exc or type(exc).__name__)
+        raise ProxyError(
+            503,
+            "The session store is unavailable; try again shortly.",
+            code="store_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
 def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
     """The handler the app routes /v1/sessions* to."""
 
@@ -80,7 +100,7 @@ def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
         after = query.get("after") or None
         await writer.flush()
         try:
-            page = await store.list_sessions(ex.client_id, limit, after)
+            page = await _ask(store.list_sessions(ex.client_id, limit, after))
         except UnknownCursor:
             raise bad_request(
                 f"`after` names no session of yours: {after!r}.", param="after"
@@ -99,14 +119,14 @@ def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
 
     async def get_session(ex: Exchange, session_id: str) -> web.StreamResponse:
         await writer.flush()
-        session = await store.get_session(ex.client_id, session_id)
+        session = await _ask(store.get_session(ex.client_id, session_id))
         if session is None:
             raise _unknown(session_id)
         return web.json_response(session_object(session, turns=True), headers=ex.response_headers)
 
     async def delete_session(ex: Exchange, session_id: str) -> web.StreamResponse:
         await writer.flush()
-        if not await store.delete_session(ex.client_id, session_id):
+        if not await _ask(store.delete_session(ex.client_id, session_id)):
             raise _unknown(session_id)
         return web.json_response(
             {"id": session_id, "object": "session.deleted", "deleted": True},
