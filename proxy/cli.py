@@ -71,7 +71,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.server.log_level)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    return serve(config, host=host, port=port, workers=args.workers, config_path=args.config)
+    try:
+        return serve(config, host=host, port=port, workers=args.workers, config_path=args.config)
+    except ConfigError as exc:  # found while starting: the store cannot be opened
+        print("cannot start:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

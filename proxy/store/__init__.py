@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.config import StoreConfig
+from proxy.config import ConfigError, StoreConfig
 from proxy.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
 from proxy.store.memory import MemoryStore
 
@@ -26,9 +26,14 @@ async def open_store(cfg: StoreConfig) -> SessionStore:
     """Open the configured store. A Redis server that does not answer yet is not an
     error here: the proxy starts, /readyz reports the store as down until it does."""
     if cfg.backend == "sqlite":
+        import sqlite3
+
         from proxy.store.sqlite import SQLiteStore
 
-        return await SQLiteStore.open(cfg.path)
+        try:
+            return await SQLiteStore.open(cfg.path)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            raise ConfigError([f"store.path: cannot open {cfg.path} for writing ({exc})"]) from None
     if cfg.backend == "redis":
         from proxy.store.redis import RedisStore
 
