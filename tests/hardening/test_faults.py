@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import DONE, Backend, ProxyFactory, chunk, completion, usage_chunk
 from tests.hardening.conftest import (
     ALICE,
+    ROOT,
     assert_no_traceback,
     assert_openai_error,
     free_port,
@@ -583,3 +586,32 @@ async def test_sqlite_file_becomes_read_only(
     resp = await client.get(f"/v1/sessions/{back}", headers=AUTH)
     assert resp.status == 200 and (await resp.json())["turn_count"] == 1
     await assert_nothing_left(client, before)
+
+
+async def test_sqlite_file_read_only_at_start(tmp_path: Path, immutable: Any) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with contextlib.closing(sqlite3.connect(data / "s.db")) as con:
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("CREATE TABLE t (a)")
+    immutable(data)
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(full_chain("echo:", sqlite_store(data / "s.db")))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(cfg),
+        "--port",
+        str(free_port()),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 2, text
+    assert f"store.path: cannot open {data / 's.db'}" in text
+    assert_no_traceback(text)
