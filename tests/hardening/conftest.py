@@ -34,6 +34,7 @@ KEYS = {
     "alice": "sk-hard-alice-7Qm2xV9pLr4TzK8wYb3N",
     "bob": "sk-hard-bob-Jd6Fh1sXc0Ve5Rg7Ua2M",
     "carol": "sk-hard-carol-Wn3Pk8Lq2Zt6Yx9Cv4B",
+    "dave": "sk-hard-dave-Hs5Gj2Ub7Ko1Ni4Ea8R",
 }
 ALICE = KEYS["alice"]
 
@@ -57,8 +58,8 @@ def full_chain(
 ) -> str:
     """The whole chain (auth, rate_limit, validate, session, model_override,
     tool_keywords) in front of one upstream; `store` is the YAML of the store section.
-    alice has every scope, bob chat and models, carol every scope and 3 requests a
-    minute."""
+    alice and dave have every scope, bob chat and models, carol every scope and 3
+    requests a minute."""
     return f"""
 server:
   max_body_bytes: 2097152
@@ -82,6 +83,9 @@ middleware:
         key: {KEYS["carol"]}
         scopes: [chat, models, sessions:read, sessions:write]
         limits: {{requests_per_minute: 3}}
+      - id: dave
+        key: {KEYS["dave"]}
+        scopes: [chat, models, sessions:read, sessions:write]
   - type: rate_limit
     requests_per_minute: {rpm}
     tokens_per_minute: 1000000000000
