@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import metrics, upstream
+from proxy import jsonfast, metrics, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, not_found
@@ -148,6 +148,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise ProxyError(
             413, f"The request body is larger than {limit} bytes.", code="request_too_large"
         )
+    if request.content_length is not None:
+        return await request.read()  # at most client_max_size, which is the limit
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -179,7 +181,7 @@ def _json_depth_over(doc: Any, limit: int) -> bool:
 
 def _parse_json(raw: bytes) -> Any:
     try:
-        doc = json.loads(raw)
+        doc = jsonfast.loads(raw)
     except (ValueError, RecursionError):
         raise bad_request(
             "We could not parse the JSON body of your request. Send a valid JSON object.",

@@ -8,7 +8,7 @@ scrape of any worker gives the totals of all of them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -60,15 +60,28 @@ STREAMS = Gauge(
 SESSIONS = Counter("chat_proxy_sessions_created_total", "Sessions created, by source.", ["source"])
 
 
+_CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+
+
 def observe(ex: Exchange) -> None:
     """Record one finished request."""
     route = ex.route or "unknown"
     # the model label only for requests a backend answered: a client may send any name
     model = ex.model or "" if ex.upstream is not None else ""
-    REQUESTS.labels(route, str(ex.status), model).inc()
-    LATENCY.labels(route).observe(ex.elapsed_ms() / 1000)
+    key = (route, ex.status, model)
+    children = _CHILDREN.get(key)
+    if children is None:
+        children = (
+            REQUESTS.labels(route, str(ex.status), model),
+            LATENCY.labels(route),
+            TTFB.labels(route),
+        )
+        if len(_CHILDREN) < 10000:
+            _CHILDREN[key] = children
+    children[0].inc()
+    children[1].observe(ex.elapsed_ms() / 1000)
     if ex.ttfb is not None:
-        TTFB.labels(route).observe(ex.ttfb)
+        children[2].observe(ex.ttfb)
     for failure in ex.log.get("failures", ()):
         name, _, kind = str(failure).partition(":")
         UPSTREAM_ERRORS.labels(name, kind).inc()

@@ -4,14 +4,13 @@ and re-encoded events where a middleware must change them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
 import aiohttp
 from aiohttp import web
 
-from proxy import sse
+from proxy import jsonfast, sse
 from proxy.completion import Accumulator
 from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
 from proxy.exchange import EventTransform, Exchange
@@ -49,8 +48,11 @@ async def relay(
         return await _relay_stream(ex, up, resp, first, keepalive)
     t = up.cfg.timeouts
     try:
-        async with asyncio.timeout(t.idle):
-            rest = await resp.read()
+        if resp.content.is_eof():  # the whole body came in the first read (the usual case)
+            rest = b""
+        else:
+            async with asyncio.timeout(t.idle):
+                rest = await resp.content.read()
     except (TimeoutError, aiohttp.ClientError, OSError):
         raise ProxyError(
             502, "The backend closed the connection early.", code="upstream_reset"
@@ -58,15 +60,14 @@ async def relay(
     body = first + rest
     if ex.needs_parse and ctype.startswith("application/json"):
         try:
-            doc = json.loads(body)
+            doc = jsonfast.loads(body)
         except (ValueError, RecursionError):
             doc = None
         if isinstance(doc, dict):
             for transform in reversed(ex.body_transforms):
                 doc = transform(doc)
             if ex.body_transforms:
-                # backslashreplace: a lone surrogate goes out as the escape it came as
-                body = json.dumps(doc, ensure_ascii=False).encode("utf-8", "backslashreplace")
+                body = jsonfast.dumps(doc)
             ex.completion = doc
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype

@@ -33,6 +33,7 @@ class Upstream:
         self.failures = 0
         self.open_until = 0.0
         self._probed_at = -10.0
+        self._urls: dict[str, URL] = {}
         self._reachable = True
         self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
@@ -90,8 +91,14 @@ class Upstream:
 
     def url(self, path: str, query: str) -> URL:
         # path is everything after /v1 (or the bare path for /chat/completions)
-        base = str(self.base).rstrip("/")
-        return URL(base + path + (f"?{query}" if query else ""), encoded=True)
+        if not query:
+            cached = self._urls.get(path)
+            if cached is None:
+                cached = URL(str(self.base).rstrip("/") + path, encoded=True)
+                if len(self._urls) < 1024:
+                    self._urls[path] = cached
+            return cached
+        return URL(str(self.base).rstrip("/") + path + f"?{query}", encoded=True)
 
     async def start(self) -> None:
         if self.cfg.url.startswith("echo:"):
@@ -121,6 +128,7 @@ class Upstream:
 class Upstreams:
     def __init__(self, configs: Iterable[UpstreamConfig]) -> None:
         self.all = [Upstream(c) for c in configs]
+        self._matches: dict[str, list[Upstream]] = {}
         self.keepalive = 0.0
 
     async def start(self) -> None:
@@ -134,7 +142,12 @@ class Upstreams:
     def candidates(self, model: str | None) -> list[Upstream]:
         """Upstreams serving `model` in the order to try them: config order, except
         that upstreams with a `weight` matching alongside the first are balanced."""
-        matching = [u for u in self.all if u.serves(model)]
+        key = model or ""
+        matching = self._matches.get(key)
+        if matching is None:
+            matching = [u for u in self.all if u.serves(model)]
+            if len(self._matches) < 4096:  # bounded: clients may send any name
+                self._matches[key] = matching
         if len(matching) > 1 and matching[0].cfg.weight != 1:
             weighted = [u for u in matching if u.cfg.weight != 1]
             rest = [u for u in matching if u.cfg.weight == 1]

@@ -117,6 +117,8 @@ async def _run(
         )
     await runner.cleanup()
     log.info("stopped")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def serve(

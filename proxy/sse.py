@@ -13,9 +13,10 @@ transform changes is written back byte for byte.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from proxy import jsonfast
 
 _UNSET: Any = object()
 
@@ -41,7 +42,7 @@ class Event:
             value: Any = None
             if self.data is not None and self.data != "[DONE]":
                 try:
-                    value = json.loads(self.data)
+                    value = jsonfast.loads(self.data)
                 except (ValueError, RecursionError):
                     value = None
             self._json = value
@@ -173,13 +174,13 @@ def encode(event: Event) -> bytes:
 
 def data_event(payload: Any) -> Event:
     """A new `data:` event holding JSON."""
-    return Event(data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False), _json=payload)
+    return Event(data=jsonfast.dumps_str(payload), _json=payload)
 
 
 def changed(event: Event, payload: Any) -> Event:
     """The event with new JSON data; its raw bytes are dropped so it is re-encoded."""
     return Event(
-        data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
+        data=jsonfast.dumps_str(payload),
         event=event.event,
         id=event.id,
         retry=event.retry,

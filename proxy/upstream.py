@@ -8,7 +8,6 @@ to proxy/relay.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
@@ -17,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy import jsonfast
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
 from proxy.relay import relay
@@ -59,15 +59,16 @@ class Failure(Exception):
         self.retry_after = retry_after
 
 
-_OWN_ID = re.compile(r"^req_[0-9a-f]{32}$")
+_OWN_ID = re.compile(r"^req_([0-9a-f]{1,32})$")
 
 
 def upstream_request_id(request_id: str) -> str:
-    """The X-Request-Id sent to the backend: the proxy's own ids (`req_` + 32 hex
-    digits) go without the prefix, so that they also parse as a UUID, which
-    llama-cpp-python's server demands (it answers any other value with an empty 400);
-    a client's own id goes as it came."""
-    return request_id[4:] if _OWN_ID.match(request_id) else request_id
+    """The X-Request-Id sent to the backend. The proxy's own ids (`req_` and hex
+    digits) go as their digits left-padded with zeros to 32, so that they parse as a
+    UUID, which llama-cpp-python's server demands (it answers any other value with an
+    empty 400); a client's own id goes as it came."""
+    own = _OWN_ID.match(request_id)
+    return own.group(1).rjust(32, "0") if own else request_id
 
 
 def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
@@ -206,11 +207,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             "Every backend for this model is temporarily unavailable.",
             code="upstream_unavailable",
         )
-    data: bytes | None
-    if ex.body is not None:
-        data = json.dumps(ex.body, ensure_ascii=False, separators=(",", ":")).encode()
-    else:
-        data = ex.raw_body or None
+    data = jsonfast.dumps(ex.body) if ex.body is not None else (ex.raw_body or None)
     last: Failure | None = None
     for up in live:
         for attempt in range(1, up.cfg.retries.attempts + 1):
@@ -281,7 +278,7 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
                     if resp.status >= 400:
                         errors.append(normalise_backend_error(resp.status, body))
                         continue
-                    docs.append(json.loads(body))
+                    docs.append(jsonfast.loads(body))
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             errors.append(
                 ProxyError(

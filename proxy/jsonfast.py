@@ -1,0 +1,33 @@
+"""JSON on the hot path: orjson where the document allows it, the standard library
+otherwise (NaN, Infinity and integers beyond 64 bits, which orjson refuses but the
+standard parser accepts so that `validate` can name the field that holds them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; raises ValueError (or RecursionError) like json.loads."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits, for example
+        # backslashreplace: a lone surrogate goes out as the escape it came in as
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace"
+        )
+
+
+def dumps_str(value: Any) -> str:
+    return dumps(value).decode()
