@@ -122,23 +122,32 @@ def make_app(delay: float = 0.0) -> web.Application:
                 chunk.update(extra)
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
-        for i in range(n):
-            await send(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-            )
-        for pos, word in enumerate(words):
-            if delay:
-                await asyncio.sleep(delay)
-            piece = word if pos == 0 else " " + word
+        try:
             for i in range(n):
-                await send([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
-        for i in range(n):
-            await send([{"index": i, "delta": {}, "finish_reason": finish}])
-        opts = body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage"):
-            await send([], {"usage": usage})
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+                await send(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            for pos, word in enumerate(words):
+                if delay:
+                    await asyncio.sleep(delay)
+                piece = word if pos == 0 else " " + word
+                for i in range(n):
+                    await send([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+            for i in range(n):
+                await send([{"index": i, "delta": {}, "finish_reason": finish}])
+            opts = body.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                await send([], {"usage": usage})
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the proxy let go of the stream (its client left): nothing to report
         return resp
 
     async def embeddings(request: web.Request) -> web.Response:
