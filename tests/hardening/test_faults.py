@@ -615,3 +615,24 @@ async def test_sqlite_file_read_only_at_start(tmp_path: Path, immutable: Any) ->
     assert proc.returncode == 2, text
     assert f"store.path: cannot open {data / 's.db'}" in text
     assert_no_traceback(text)
+
+
+async def test_client_leaving_an_echo_stream_logs_no_error(
+    make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_proxy(full_chain("echo:?delay=0.02", sqlite_store(tmp_path / "s.db")))
+    before = await baseline(client)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            words = " ".join(f"w{i}" for i in range(40))
+            resp = await client.post(
+                "/v1/chat/completions", json=body(words, stream=True), headers=AUTH
+            )
+            await resp.content.readuntil(b"\n\n")
+            await resp.content.readuntil(b"\n\n")
+            assert resp.connection is not None and resp.connection.transport is not None
+            resp.connection.transport.abort()
+            resp.close()
+        await assert_nothing_left(client, before)
+        await asyncio.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
