@@ -37,13 +37,13 @@ class Accumulator:
             if not isinstance(index, int):
                 continue
             acc = self.choices.setdefault(
-                index, {"index": index, "role": "assistant", "content": None, "finish_reason": None}
+                index, {"index": index, "parts": [], "finish_reason": None}
             )
             delta = choice.get("delta") or {}
             if isinstance(delta, dict):
                 text = delta.get("content")
                 if isinstance(text, str) and text:
-                    acc["content"] = (acc["content"] or "") + text
+                    acc["parts"].append(text)
                 calls = delta.get("tool_calls")
                 for call in calls if isinstance(calls, list) else ():
                     self._feed_tool(index, call)
@@ -73,7 +73,11 @@ class Accumulator:
         choices = []
         for index in sorted(self.choices):
             acc = self.choices[index]
-            message: dict[str, Any] = {"role": "assistant", "content": acc["content"]}
+            parts = acc["parts"]
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": "".join(parts) if parts else None,
+            }
             tools = self._tools.get(index)
             if tools:
                 message["tool_calls"] = [tools[k] for k in sorted(tools)]

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -19,10 +20,19 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any extra fields."""
 
+    _second = -1
+    _stamp = ""
+
+    def _ts(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._stamp}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._ts(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
@@ -33,7 +43,10 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:  # an integer beyond 64 bits, a lone surrogate
+            return json.dumps(doc, default=str, ensure_ascii=False)
 
 
 class HttpParserErrors(logging.Filter):
