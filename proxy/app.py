@@ -17,7 +17,7 @@ from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, not_found
 from proxy.exchange import Exchange, Handler
-from proxy.observability import access_log, clean_request_id
+from proxy.observability import access_log, clean_request_id, current_request_id
 
 log = logging.getLogger("chat_proxy")
 
@@ -212,6 +212,7 @@ async def entry(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     rt = state.runtime
     rid = clean_request_id(request.headers.get("X-Request-Id"))
+    current_request_id.set(rid)
     ex = Exchange(request=request, route="", scope=None, request_id=rid)
     ex.response_headers["X-Request-Id"] = rid
     state.in_flight += 1

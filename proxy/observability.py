@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import logging
@@ -119,6 +120,7 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def setup_logging(level: str = "info", stream: Any = None) -> None:
     handler = BufferedHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -128,6 +130,20 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
 
 
 access_log = logging.getLogger("chat_proxy.access")
+
+# the id of the request being handled, added to every log line written meanwhile
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "chat_proxy_request_id", default=None
+)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            rid = current_request_id.get()
+            if rid is not None:
+                record.request_id = rid
+        return True
 
 
 _ID_PREFIX = os.urandom(6).hex()

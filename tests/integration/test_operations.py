@@ -259,3 +259,37 @@ async def test_two_workers_serve_one_port(tmp_path: Path) -> None:
     access = [x for x in _logs(err) if x.get("logger") == "chat_proxy.access"]
     assert len(access) == sent
     assert len({x["pid"] for x in access}) == 2
+
+
+async def test_every_log_line_of_a_request_carries_its_id(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    import io
+
+    from proxy.observability import BufferedHandler, JsonFormatter, RequestIdFilter
+
+    text = BASIC + (
+        "middleware:\n  - type: tests.plugins.audit:audit\n    team: t\n    say: looking\n"
+        "  - type: tests.plugins.broken:broken\n"
+    )
+    client = await make_proxy(text, backend)
+    out = io.StringIO()
+    handler = BufferedHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        resp = await client.post(
+            "/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": "trace-me"}
+        )
+        assert resp.status == 500
+    finally:
+        handler.flush()
+        root.removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    [said] = [x for x in lines if x["msg"] == "looking"]
+    assert said["request_id"] == "trace-me"  # logged by a middleware that never named it
+    error = [x for x in lines if x["msg"] == "unhandled error"]
+    assert error and all(x["request_id"] == "trace-me" for x in error)
+    assert "ZeroDivisionError" in error[0]["exc"]  # the traceback is in the log, not the body
