@@ -60,6 +60,27 @@ _COLUMNS = (
 )
 
 
+# one statement per turn: create the session or count the turn into it
+_UPSERT_SESSION = (
+    "INSERT INTO sessions (owner, id, created, updated, source, key_id, model, turn_count, "
+    "prompt_tokens, completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+    "ON CONFLICT (owner, id) DO UPDATE SET updated = max(updated, excluded.updated), "
+    "source = excluded.source, model = coalesce(excluded.model, model), "
+    "turn_count = turn_count + 1, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "total_tokens = total_tokens + excluded.total_tokens "
+    "RETURNING turn_count"
+)
+_INSERT_TURN = "INSERT OR REPLACE INTO turns (owner, session_id, seq, data) VALUES (?, ?, ?, ?)"
+_INDEX_DIGEST = (
+    "INSERT INTO history (owner, digest, session_id) VALUES (?, ?, ?) "
+    "ON CONFLICT (owner, digest) DO UPDATE SET session_id = excluded.session_id"
+)
+# json.dumps(value, ensure_ascii=False), without building an encoder per call
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _session(row: Sequence[Any]) -> Session:
     return Session(*row)
 
@@ -189,61 +210,45 @@ class SQLiteStore:
         if not records:
             return
         # serialise here, not in the writer thread: the records are the caller's
-        prepared = [
-            (
-                rec,
-                json.dumps(rec.turn, ensure_ascii=False),
-                json.dumps(rec.first_turn(), ensure_ascii=False),
+        sessions: list[tuple[Any, ...]] = []
+        turns: list[tuple[str, str, str, str]] = []  # owner, id, opening turn, turn
+        history: list[tuple[str, str, str]] = []
+        for rec in records:
+            owner, sid = rec.owner, rec.session_id
+            turn = _encode(rec.turn)
+            turns.append(
+                (owner, sid, turn if rec.opening is None else _encode(rec.first_turn()), turn)
             )
-            for rec in records
-        ]
+            sessions.append(
+                (
+                    owner,
+                    sid,
+                    rec.at,
+                    rec.at,
+                    rec.source,
+                    rec.key_id,
+                    rec.model,
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.total_tokens,
+                )
+            )
+            history.extend((owner, d, sid) for d in rec.digests)
 
         def run() -> None:
             con = self._wcon
             assert con is not None
             con.execute("BEGIN IMMEDIATE")
             try:
-                for rec, turn, first in prepared:
-                    created = con.execute(
-                        "INSERT INTO sessions (owner, id, created, updated, source, key_id, model) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, id) DO NOTHING",
-                        (
-                            rec.owner,
-                            rec.session_id,
-                            rec.at,
-                            rec.at,
-                            rec.source,
-                            rec.key_id,
-                            rec.model,
-                        ),
-                    ).rowcount
-                    (seq,) = con.execute(
-                        "UPDATE sessions SET updated = max(updated, ?), source = ?, "
-                        "model = coalesce(?, model), turn_count = turn_count + 1, "
-                        "prompt_tokens = prompt_tokens + ?, "
-                        "completion_tokens = completion_tokens + ?, "
-                        "total_tokens = total_tokens + ? "
-                        "WHERE owner = ? AND id = ? RETURNING turn_count",
-                        (
-                            rec.at,
-                            rec.source,
-                            rec.model,
-                            rec.prompt_tokens,
-                            rec.completion_tokens,
-                            rec.total_tokens,
-                            rec.owner,
-                            rec.session_id,
-                        ),
-                    ).fetchall()[0]
-                    con.execute(
-                        "INSERT OR REPLACE INTO turns (owner, session_id, seq, data) VALUES (?, ?, ?, ?)",
-                        (rec.owner, rec.session_id, seq, first if created else turn),
-                    )
-                    con.executemany(
-                        "INSERT INTO history (owner, digest, session_id) VALUES (?, ?, ?) "
-                        "ON CONFLICT (owner, digest) DO UPDATE SET session_id = excluded.session_id",
-                        [(rec.owner, d, rec.session_id) for d in rec.digests],
-                    )
+                rows: list[tuple[str, str, int, str]] = []
+                for args, (owner, sid, first, turn) in zip(sessions, turns, strict=True):
+                    # a session that exists has at least one turn: a count of 1 means
+                    # this write created it
+                    (seq,) = con.execute(_UPSERT_SESSION, args).fetchone()
+                    rows.append((owner, sid, seq, first if seq == 1 else turn))
+                con.executemany(_INSERT_TURN, rows)
+                if history:
+                    con.executemany(_INDEX_DIGEST, history)
                 con.execute("COMMIT")
             except BaseException:
                 if con.in_transaction:  # an I/O error may have rolled it back already
