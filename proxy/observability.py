@@ -153,7 +153,7 @@ _ID_COUNTER = itertools.count(1)
 def new_request_id() -> str:
     """Unique without a system call per request: a random per-process prefix and a
     counter."""
-    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):020x}"
 
 
 def clean_request_id(value: str | None) -> str:

@@ -63,10 +63,10 @@ _OWN_ID = re.compile(r"^req_([0-9a-f]{1,32})$")
 
 
 def upstream_request_id(request_id: str) -> str:
-    """The X-Request-Id sent to the backend. The proxy's own ids (`req_` and hex
-    digits) go as their digits left-padded with zeros to 32, so that they parse as a
-    UUID, which llama-cpp-python's server demands (it answers any other value with an
-    empty 400); a client's own id goes as it came."""
+    """The X-Request-Id sent to the backend. The proxy's own ids (`req_` and 32 hex
+    digits) go as their digits, which parse as a UUID, as llama-cpp-python's server
+    demands (it answers any other value with an empty 400); a client's own id goes as
+    it came."""
     own = _OWN_ID.match(request_id)
     return own.group(1).rjust(32, "0") if own else request_id
 
