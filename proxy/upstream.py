@@ -128,7 +128,20 @@ async def _open(
                 retryable = resp.status in (429, 502, 503, 504)
                 if resp.status >= 500:
                     status = resp.status if resp.status in (502, 503, 504) else 502
-                    err = ProxyError(status, err.message)
+                    message = err.message
+                    if resp.status not in (502, 503, 504) or "Traceback" in message:
+                        # a backend's internal failure may quote its traceback: log it,
+                        # do not show it
+                        log.warning(
+                            "backend error",
+                            extra={
+                                "upstream": up.name,
+                                "status": resp.status,
+                                "detail": message[:2000],
+                            },
+                        )
+                        message = f"The backend failed (status {resp.status})."
+                    err = ProxyError(status, message)
                 after = _retry_after(resp)
                 if after is not None and resp.status in (429, 503):
                     err.headers["Retry-After"] = str(max(1, round(after)))
@@ -169,6 +182,9 @@ async def _open(
         if resp is not None:
             resp.close()
         kind = "connect" if resp is None else "reset"
+        if resp is None and isinstance(exc, aiohttp.ServerDisconnectedError):
+            # most often a pooled keep-alive connection the backend had just closed
+            kind = "stale"
         raise Failure(
             kind,
             ProxyError(
@@ -209,12 +225,21 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
         )
     data = jsonfast.dumps(ex.body) if ex.body is not None else (ex.raw_body or None)
     last: Failure | None = None
+    stale_retried = False
     for up in live:
-        for attempt in range(1, up.cfg.retries.attempts + 1):
+        attempt = 0
+        while attempt < up.cfg.retries.attempts:
+            attempt += 1
             ex.attempts += 1
             try:
                 resp, first = await _open(up, ex, path, data)
             except Failure as failure:
+                if failure.kind == "stale" and not stale_retried:
+                    # the backend had just closed an idle pooled connection: once more,
+                    # at once, without counting it as an attempt
+                    stale_retried = True
+                    attempt -= 1
+                    continue
                 last = failure
                 ex.log.setdefault("failures", []).append(f"{up.name}:{failure.kind}")
                 if not failure.retryable:

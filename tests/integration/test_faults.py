@@ -156,7 +156,7 @@ async def test_client_disconnect_cancels_backend_request(
             "max_tokens is too large",
         ),  # vLLM's older shape
         (400, b'{"detail":"bad field"}', 400, "invalid_request_error", "bad field"),  # FastAPI
-        (500, b"Internal Server Error", 502, "api_error", "Internal Server Error"),
+        (500, b"Internal Server Error", 502, "api_error", "The backend failed (status 500)."),
         (
             503,
             b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}',

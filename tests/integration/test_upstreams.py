@@ -265,3 +265,38 @@ async def test_access_log_counts_attempts(
 
 
 _ = DONE
+
+
+async def test_a_dropped_connection_is_tried_once_more_at_once(
+    make_proxy: ProxyFactory, stubs: Any
+) -> None:
+    # a keep-alive connection the backend closed just as the proxy reused it
+    a, url_a = await stubs("a", "reset")
+    client = await make_proxy("upstreams:\n" + upstream("a", url_a))  # attempts: 1
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["message"]["content"] == "from a"
+    assert a.hits == 2
+
+
+async def test_a_second_drop_is_an_error(make_proxy: ProxyFactory, stubs: Any) -> None:
+    a, url_a = await stubs("a", "reset", "reset")
+    client = await make_proxy("upstreams:\n" + upstream("a", url_a))
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 502
+    assert a.hits == 2
+
+
+async def test_a_backend_traceback_is_logged_not_shown(
+    make_proxy: ProxyFactory, stubs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, url_a = await stubs("a", "status:500")
+    a.name = 'Traceback (most recent call last):\n  File "/srv/app.py", line 3'
+    client = await make_proxy("upstreams:\n" + upstream("a", url_a))
+    with caplog.at_level(logging.WARNING):
+        resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 502
+    body = await resp.text()
+    assert "Traceback" not in body and "/srv/app.py" not in body
+    assert json.loads(body)["error"]["message"] == "The backend failed (status 500)."
+    assert any("/srv/app.py" in str(r.__dict__.get("detail")) for r in caplog.records)
