@@ -293,3 +293,41 @@ async def test_every_log_line_of_a_request_carries_its_id(
     error = [x for x in lines if x["msg"] == "unhandled error"]
     assert error and all(x["request_id"] == "trace-me" for x in error)
     assert "ZeroDivisionError" in error[0]["exc"]  # the traceback is in the log, not the body
+
+
+async def test_metrics_of_the_middlewares(make_proxy: ProxyFactory) -> None:
+    text = """
+upstreams:
+  - name: echo
+    url: "echo:"
+middleware:
+  - type: rate_limit
+    requests_per_minute: 3
+  - type: session
+  - type: tool_keywords
+    rules:
+      - tool: end_call
+        keywords: [goodbye]
+"""
+    client = await make_proxy(text)
+    before = await (await client.get("/metrics")).text()
+    tools = [{"type": "function", "function": {"name": "end_call"}}]
+    statuses = []
+    for i in range(4):
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": f"goodbye {i}"}], "tools": tools},
+        )
+        statuses.append(resp.status)
+        await resp.read()
+    assert statuses == [200, 200, 200, 429]
+    after = await (await client.get("/metrics")).text()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("chat_proxy_rate_limit_refusals_total", limit="requests") == 1
+    assert delta("chat_proxy_sessions_created_total", source="new") == 3
+    assert delta("chat_proxy_tool_calls_rewritten_total", tool="end_call") == 3
+    assert delta("chat_proxy_tokens_total", kind="completion") == 3 * 4  # "You said: goodbye N"
+    assert delta("chat_proxy_tokens_total", kind="prompt") > 0
