@@ -404,11 +404,23 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
             )
         return await call_next(ex)
 
+    # (id of the key's own limits, route) -> (those limits, the quota): keys and their
+    # limits live as long as the configuration, so this stays small
+    quotas: dict[tuple[int, str], tuple[Limits | None, Quota]] = {}
+
+    def quota_for(own: Limits | None, route: str) -> Quota:
+        hit = quotas.get((id(own), route))
+        if hit is not None and hit[0] is own:
+            return hit[1]
+        quota = effective_quota(options, own, route)
+        if len(quotas) >= 4096:
+            quotas.clear()
+        quotas[(id(own), route)] = (own, quota)
+        return quota
+
     async def middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         identity = ex.identity
-        quota = effective_quota(
-            options, identity.limits if identity is not None else None, ex.route
-        )
+        quota = quota_for(identity.limits if identity is not None else None, ex.route)
         limiter = holder.limiter
         if not quota or limiter is None:
             return await call_next(ex)
@@ -427,8 +439,13 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
                     ex.log["rate_limited"] = "tokens"
                     raise _too_large(ex, key, tpm, est)
                 cost = tpm  # only the default completion budget does not fit: trim it
+        # the in-process limiter never waits: called directly, without a coroutine
+        local = limiter if type(limiter) is MemoryLimiter else None
         try:
-            decision = await limiter.acquire(key, quota, cost)
+            if local is not None:
+                decision = local.acquire_now(key, quota, cost)
+            else:
+                decision = await limiter.acquire(key, quota, cost)
         except StoreError as exc:
             return await store_failed(ex, call_next, exc)
         if not decision.allowed:
@@ -455,7 +472,10 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
             delta = 0
             if meter is not None and est is not None:
                 delta = meter.actual(ex, est) - cost
-            if decision.lease is not None or delta:
+            if local is not None:
+                # synchronous, so a cancelled request cannot interrupt it
+                local.settle_now(key, quota, decision.lease, delta)
+            elif decision.lease is not None or delta:
                 await asyncio.shield(_settle(limiter, holder, key, quota, decision.lease, delta))
 
     return middleware

@@ -27,6 +27,10 @@ class MemoryLimiter:
         self._next_sweep = clock() + _SWEEP_EVERY
 
     async def acquire(self, key: str, quota: Quota, cost: int) -> Decision:
+        return self.acquire_now(key, quota, cost)
+
+    def acquire_now(self, key: str, quota: Quota, cost: int) -> Decision:
+        """`acquire` without a coroutine: nothing here waits."""
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -75,6 +79,10 @@ class MemoryLimiter:
         )
 
     async def settle(self, key: str, quota: Quota, lease: str | None, token_delta: int) -> None:
+        self.settle_now(key, quota, lease, token_delta)
+
+    def settle_now(self, key: str, quota: Quota, lease: str | None, token_delta: int) -> None:
+        """`settle` without a coroutine: nothing here waits."""
         if lease is not None:
             left = self._in_flight.get(key, 0) - 1
             if left > 0:
