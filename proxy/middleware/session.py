@@ -67,6 +67,8 @@ TAIL = 4  # messages per digest at most (the history ends with an assistant mess
 LOOKUP_TIMEOUT = 2.0  # seconds; a slower store starts a new session instead
 PURGE_EVERY = 3600.0  # seconds between retention purges at most
 MAX_PENDING = 10_000  # queued writes; beyond this turns are dropped (and logged)
+BATCH = 200  # turns written in one transaction at most
+GATHER = 0.005  # seconds a write waits for more turns to share its transaction
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _WS = re.compile(r"\s+")
@@ -279,9 +281,13 @@ class Writer:
     async def run(self) -> None:
         while True:
             batch = [await self.queue.get()]
-            while len(batch) < 200 and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
             try:
+                if self.queue.qsize() < BATCH - 1:
+                    # under load the next turns are only milliseconds away: sharing
+                    # one transaction (one commit) costs far less than one each
+                    await asyncio.sleep(GATHER)
+                while len(batch) < BATCH and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
                 await self._write([rec for _, rec in batch])
             finally:
                 for seq, rec in batch:
