@@ -95,8 +95,11 @@ class SessionOptions(Model):
 # -- normalisation and digests --
 
 
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _canonical_json.encode(value)
 
 
 def _collapse(text: str) -> str:

@@ -145,11 +145,16 @@ def array(param: str, value: Any) -> list[Any]:
     return value
 
 
+# raises ValueError at a NaN or an Infinity; one encoder for every request, and no
+# escaping of text, which only the output would show
+_finite_json = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
+
+
 def first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
     """The path of the first NaN or Infinity in a JSON tree (Python's parser takes
     them; no backend should receive them)."""
     try:
-        json.dumps(value, allow_nan=False)  # the fast path: C speed, no paths built
+        _finite_json(value)  # the fast path: C speed, no paths built
         return None
     except ValueError:
         pass
