@@ -32,8 +32,11 @@ class Identity:
     anonymous: bool = False
 
     def may_use(self, model: str | None) -> bool:
+        models = self.models
+        if models == ("*",):
+            return True
         name = model or ""
-        return any(fnmatchcase(name, pattern) for pattern in self.models)
+        return any(fnmatchcase(name, pattern) for pattern in models)
 
 
 class EventTransform(Protocol):

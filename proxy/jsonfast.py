@@ -4,6 +4,7 @@ standard parser accepts so that `validate` can name the field that holds them)."
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -31,3 +32,16 @@ def dumps(value: Any) -> bytes:
 
 def dumps_str(value: Any) -> str:
     return dumps(value).decode()
+
+
+def copy_tree(value: Any) -> Any:
+    """A deep copy of a JSON tree (dicts, lists and immutable scalars): what
+    copy.deepcopy gives, several times faster; anything else goes to deepcopy."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_tree(v) for k, v in value.items()}
+    if kind is list:
+        return [copy_tree(v) for v in value]
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    return copy.deepcopy(value)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import itertools
 import json
@@ -57,6 +56,7 @@ from proxy.chain import BuildContext, register
 from proxy.config import Model
 from proxy.errors import bad_request
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.jsonfast import copy_tree
 from proxy.store import MemoryStore, SessionStore, TurnRecord
 
 log = logging.getLogger("chat_proxy.session")
@@ -197,17 +197,7 @@ def new_messages(messages: Sequence[Any]) -> list[Any]:
     return list(messages)
 
 
-def _copy(value: Any) -> Any:
-    """A deep copy of a JSON tree (dicts, lists and immutable scalars): what
-    copy.deepcopy gives, several times faster; anything else goes to deepcopy."""
-    kind = type(value)
-    if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
-    if kind is list:
-        return [_copy(v) for v in value]
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
-        return value
-    return copy.deepcopy(value)
+_copy = copy_tree
 
 
 # -- what is kept when store_content is false --

@@ -6,24 +6,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
+from proxy.jsonfast import copy_tree
 from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
 
 Key = tuple[str, str]
 
 
-def _copy(value: Any) -> Any:
-    """A deep copy of a JSON tree (dicts, lists and immutable scalars): what
-    copy.deepcopy gives, several times faster; anything else goes to deepcopy."""
-    kind = type(value)
-    if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
-    if kind is list:
-        return [_copy(v) for v in value]
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
-        return value
-    return copy.deepcopy(value)
+_copy = copy_tree
 
 
 class MemoryStore:
