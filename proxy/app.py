@@ -17,7 +17,12 @@ from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, not_found
 from proxy.exchange import Exchange, Handler
-from proxy.observability import access_log, clean_request_id, current_request_id
+from proxy.observability import (
+    access_log,
+    clean_request_id,
+    current_request_id,
+    write_access_line,
+)
 
 log = logging.getLogger("chat_proxy")
 
@@ -292,7 +297,8 @@ def _access(ex: Exchange) -> None:
     for k, v in ex.log.items():
         if not k.startswith("_"):
             fields[k] = v
-    access_log.info("request", extra=fields)
+    if not write_access_line(fields):
+        access_log.info("request", extra=fields)
 
 
 async def healthz(request: web.Request) -> web.Response:

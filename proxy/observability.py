@@ -24,12 +24,15 @@ class JsonFormatter(logging.Formatter):
     _second = -1
     _stamp = ""
 
-    def _ts(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def stamp(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._stamp}.{int(record.msecs):03d}Z"
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
+    def _ts(self, record: logging.LogRecord) -> str:
+        return self.stamp(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -85,9 +88,12 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.add_line(line, record.levelno)
+
+    def add_line(self, line: str, level: int) -> None:
         self._lines.append(line)
         self._size += len(line)
-        if record.levelno >= logging.WARNING or self._size >= 65536:
+        if level >= logging.WARNING or self._size >= 65536:
             self.flush()
             return
         if self._timer is None:
@@ -130,6 +136,39 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
 
 
 access_log = logging.getLogger("chat_proxy.access")
+
+
+def write_access_line(fields: dict[str, Any]) -> bool:
+    """Write an access line straight to the log handler, as the JSON formatter would
+    have written it, skipping the logging machinery (a tenth of the CPU time of a
+    relayed request). Only where the process logs through setup_logging's handler
+    alone; anywhere else (a test capturing records, another handler) it returns False
+    and the caller logs the line as usual."""
+    handlers = _ROOT.handlers
+    if len(handlers) != 1 or access_log.handlers:
+        return False
+    handler = handlers[0]
+    if type(handler) is not BufferedHandler or not isinstance(handler.formatter, JsonFormatter):
+        return False
+    now = time.time()
+    doc: dict[str, Any] = {
+        "ts": handler.formatter.stamp(now),
+        "level": "info",
+        "logger": "chat_proxy.access",
+        "pid": _PID,
+        "msg": "request",
+    }
+    doc.update(fields)
+    try:
+        line = orjson.dumps(doc, default=str).decode()
+    except TypeError:
+        line = json.dumps(doc, default=str, ensure_ascii=False)
+    handler.add_line(line, logging.INFO)
+    return True
+
+
+_ROOT = logging.getLogger()
+_PID = os.getpid()
 
 # the id of the request being handled, added to every log line written meanwhile
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
