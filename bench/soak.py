@@ -12,7 +12,10 @@ or pinned with X-Session-Id), bad requests, unknown keys, a key whose limit answ
 429, Sessions API and /v1/models calls. Every few seconds it reads the proxy's RSS
 (/proc/PID/status VmRSS), its open descriptors and threads. At the end it checks that
 no stream is left in flight and that the proxy stops cleanly, then prints RSS over
-time and the growth after warm-up (the first minute): the target is under 10%.
+time and the growth after warm-up (the first minute): the target is under 10%. Last,
+it asks the idle proxy to malloc_trim(0) (through a sitecustomize hook; --no-trim to
+leave the process alone) and reports RSS again: what glibc hands back was free memory
+malloc kept, not memory in use.
 """
 
 from __future__ import annotations
@@ -207,7 +210,10 @@ def _stream_text(raw: bytes) -> str:
 
 
 class Worker:
-    def __init__(self, http: aiohttp.ClientSession, stats: Stats, n: int) -> None:
+    def __init__(
+        self, http: aiohttp.ClientSession, stats: Stats, n: int, only: frozenset[str] = frozenset()
+    ) -> None:
+        self.only = only
         self.http = http
         self.stats = stats
         self.n = n
@@ -366,6 +372,8 @@ class Worker:
             (self.sessions_api, 6),
             (self.misc, 4),
         ]
+        if self.only:
+            mix = [(a, w) for a, w in mix if a.__name__ in self.only]
         actions = [a for a, _ in mix]
         weights = [w for _, w in mix]
         while time.monotonic() < until:
@@ -410,13 +418,33 @@ def sample(pid: int, t: float, requests: int) -> Sample:
     )
 
 
-def start_proxy(config: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+# loaded by the proxy process (through PYTHONPATH) unless --no-trim: SIGUSR1 makes
+# glibc hand the free memory it holds back to the system, so that the report can tell
+# memory in use from memory malloc keeps for later
+TRIM_HOOK = """
+import ctypes, signal
+try:
+    _trim = ctypes.CDLL("libc.so.6").malloc_trim
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _trim(0))
+except (OSError, AttributeError):
+    pass
+"""
+
+
+def start_proxy(
+    config: Path, port: int, log_path: Path, hook_dir: Path | None
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if hook_dir is not None:
+        (hook_dir / "sitecustomize.py").write_text(TRIM_HOOK)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir), env.get("PYTHONPATH")]))
     with log_path.open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=log,
+            env=env,
         )
 
 
@@ -468,9 +496,13 @@ async def soak(args: argparse.Namespace) -> int:
     )
     port = free_port()
     log_path = work / "proxy.log"
-    proc = start_proxy(config, port, log_path)
+    hook_dir = work / "hook" if args.trim else None
+    if hook_dir is not None:
+        hook_dir.mkdir()
+    proc = start_proxy(config, port, log_path, hook_dir)
     base = f"http://127.0.0.1:{port}"
     stats = Stats()
+    only = frozenset(a.strip() for a in (args.only or "").split(",") if a.strip())
     samples: list[Sample] = []
     code = 1
     try:
@@ -486,7 +518,7 @@ async def soak(args: argparse.Namespace) -> int:
         connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
         async with aiohttp.ClientSession(base, timeout=timeout, connector=connector) as http:
             workers = [
-                asyncio.create_task(Worker(http, stats, n).run(until))
+                asyncio.create_task(Worker(http, stats, n, only).run(until))
                 for n in range(args.concurrency)
             ]
             next_print = start
@@ -510,10 +542,25 @@ async def soak(args: argparse.Namespace) -> int:
             async with http.get("/healthz") as resp:
                 healthy = resp.status == 200
         idle = sample(proc.pid, time.monotonic() - start, stats.requests)
+        trimmed: Sample | None = None
+        if args.trim:
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(1.0)
+            trimmed = sample(proc.pid, time.monotonic() - start, stats.requests)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(30)
         code = report(
-            args, minutes, warmup, samples, idle, stats, in_flight, healthy, exit_code, log_path
+            args,
+            minutes,
+            warmup,
+            samples,
+            idle,
+            trimmed,
+            stats,
+            in_flight,
+            healthy,
+            exit_code,
+            log_path,
         )
     finally:
         if proc.poll() is None:
@@ -535,6 +582,7 @@ def report(
     warmup: float,
     samples: list[Sample],
     idle: Sample,
+    trimmed: Sample | None,
     stats: Stats,
     in_flight: float,
     healthy: bool,
@@ -573,7 +621,14 @@ def report(
         lines.append(
             f"| {s.t / 60:.1f} | {s.rss_kib / mib:.1f} | {s.fds} | {s.threads} | {s.requests} |"
         )
-    ok = growth < 10 and in_flight == 0 and healthy and exit_code == 0 and not stats.failures
+    ok = (
+        growth < 10
+        and in_flight == 0
+        and healthy
+        and exit_code == 0
+        and not stats.failures
+        and not errors
+    )
     lines += [
         "",
         f"- RSS after warm-up ({warm.t / 60:.1f} min): {warm.rss_kib / mib:.1f} MiB; at the end "
@@ -582,6 +637,14 @@ def report(
         f"- idle after the traffic: RSS {idle.rss_kib / mib:.1f} MiB, {idle.fds} fds; "
         f"streams in flight {in_flight:g}; /healthz {'ok' if healthy else 'FAILED'}; "
         f"SIGTERM exit code {exit_code}",
+    ]
+    if trimmed is not None:
+        lines.append(
+            f"- idle, after malloc_trim(0) in the proxy (free memory glibc kept, handed back): "
+            f"RSS {trimmed.rss_kib / mib:.1f} MiB, "
+            f"{(trimmed.rss_kib - warm.rss_kib) / warm.rss_kib * 100:+.1f}% from the warm-up"
+        )
+    lines += [
         f"- answers: {', '.join(f'{k} x{v}' for k, v in sorted(stats.statuses.items()))}",
         f"- unexpected answers: {len(stats.failures)}; error lines in the proxy's log: {len(errors)}",
         f"- result: {'PASS' if ok else 'FAIL'}",
@@ -599,6 +662,8 @@ def report(
                     "concurrency": args.concurrency,
                     "requests": stats.requests,
                     "growth_percent": round(growth, 2),
+                    "idle_rss_kib": idle.rss_kib,
+                    "trimmed_rss_kib": trimmed.rss_kib if trimmed is not None else None,
                     "rss_kib": [
                         [round(s.t, 1), s.rss_kib, s.fds, s.threads, s.requests] for s in samples
                     ],
@@ -630,7 +695,19 @@ def main() -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (config, log, database)"
     )
+    parser.add_argument(
+        "--no-trim",
+        dest="trim",
+        action="store_false",
+        help="do not ask the idle proxy to malloc_trim at the end (the last report line)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed of the traffic mix")
+    parser.add_argument(
+        "--only",
+        help="comma-separated kinds of traffic to send, to find what a growth comes from: "
+        "stream, leave_mid_stream, completion, conversation, bad_request, unknown_key, "
+        "limited, backend_failure, sessions_api, misc",
+    )
     args = parser.parse_args()
     if args.minutes <= 0 or args.concurrency < 1 or args.sample <= 0:
         parser.error("--minutes, --concurrency and --sample must be positive")
