@@ -261,6 +261,18 @@ class Writer:
         return hit[0] if hit else None
 
     async def _write(self, records: list[TurnRecord]) -> None:
+        if len(records) > 1:
+            try:
+                await self.store.record_turns(records)
+                return
+            except Exception:
+                # one bad turn must not take the batch down: write them one by one
+                log.warning(
+                    "session batch write failed; writing its %d turns one by one", len(records)
+                )
+            for rec in records:
+                await self._write([rec])
+            return
         for attempt in range(3):
             try:
                 await self.store.record_turns(records)
