@@ -201,3 +201,15 @@ def chat_body(text: str = "Hi", **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "test-model", "messages": [{"role": "user", "content": text}]}
     body.update(extra)
     return body
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

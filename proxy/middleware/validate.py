@@ -199,16 +199,20 @@ def check_messages(param: str, value: Any, req: Request) -> None:
         check_message(f"{param}[{i}]", message)
 
 
+def missing(param: str) -> ProxyError:
+    return ProxyError(
+        400,
+        f"Missing required parameter: '{param}'.",
+        param=param,
+        code="missing_required_parameter",
+    )
+
+
 def check_message(param: str, value: Any) -> None:
     message = obj(param, value)
     role = message.get("role")
     if role is None:
-        raise ProxyError(
-            400,
-            f"Missing required parameter: '{param}.role'.",
-            param=f"{param}.role",
-            code="missing_required_parameter",
-        )
+        raise missing(f"{param}.role")
     if role not in ROLES:
         if not isinstance(role, str):
             raise invalid_type(f"{param}.role", "a string", role)
@@ -266,12 +270,7 @@ def check_part(param: str, value: Any) -> None:
     part = obj(param, value)
     kind = part.get("type")
     if kind is None:
-        raise ProxyError(
-            400,
-            f"Missing required parameter: '{param}.type'.",
-            param=f"{param}.type",
-            code="missing_required_parameter",
-        )
+        raise missing(f"{param}.type")
     string(f"{param}.type", kind)
     if kind == "text":
         string(f"{param}.text", part.get("text"))

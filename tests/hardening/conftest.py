@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.app import build_app
 from proxy.config import load_text
 from proxy.errors import OPENAI_TYPES
+from tests.conftest import metric  # noqa: F401  (used by the hardening tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -131,17 +132,6 @@ def assert_openai_error(body: bytes, status: int) -> dict[str, Any]:
     if status == 429:
         assert err["type"] == "rate_limit_error"
     return dict(err)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 # -- a raw HTTP/1.1 client --

@@ -21,20 +21,9 @@ from aiohttp import web
 from proxy.app import STATE, build_app
 from proxy.config import load
 from proxy.server import reload
-from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk
+from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, metric
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 async def test_metrics_after_traffic(make_proxy: ProxyFactory, backend: Backend) -> None:
