@@ -5,7 +5,7 @@ backend; a streamed (SSE) answer is written back chunk by chunk as it arrives, a
 other answer is read whole and returned with its length. No parsing, no logging, no
 headers beyond Content-Type.
 
-    python bench/bare_relay.py --port 9001 --backend http://127.0.0.1:9000
+    python bench/bare_relay.py --port 9001 --backend http://127.0.0.1:9000 [--loop uvloop]
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend", required=True, help="origin, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     web.run_app(
         build(args.backend),
         host=args.host,
@@ -69,6 +75,7 @@ def main() -> None:
         access_log=None,
         print=None,
         backlog=4096,
+        loop=loop,
     )
 
 

@@ -323,6 +323,7 @@ def targets(selected: set[str] | None) -> list[Target]:
     all_targets = [
         Target("backend", "backend"),
         Target("bare_relay", "bare"),
+        Target("bare_relay uvloop", "bare", "uvloop"),
         Target("nginx", "nginx"),
         Target("chat-proxy empty", "chat-proxy", "empty"),
         Target("chat-proxy full", "chat-proxy", "full", headers={"X-API-Key": KEY}),
@@ -456,6 +457,8 @@ class Bench:
                 str(t.port),
                 "--backend",
                 f"http://127.0.0.1:{self.ports['backend']}",
+                "--loop",
+                t.config or "asyncio",
             ]
             env: dict[str, str] = {}
             ready_timeout = 20.0

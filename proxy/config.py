@@ -6,6 +6,7 @@ must be a positive integer`) and all errors are reported at once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -49,6 +50,15 @@ class ServerConfig(Model):
     keepalive_seconds: float = Field(15, ge=0)
     drain_seconds: float = Field(30, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: uvloop where it is installed (it is a dependency on Linux and macOS)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, value: str) -> str:
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed (pip install uvloop), or use auto")
+        return value
 
 
 class Timeouts(Model):

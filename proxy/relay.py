@@ -3,7 +3,6 @@ and re-encoded events where a middleware must change them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -14,6 +13,7 @@ from proxy import jsonfast, sse
 from proxy.completion import Accumulator
 from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
 from proxy.exchange import EventTransform, Exchange
+from proxy.http1 import ClientError, Response
 from proxy.metrics import STREAMS
 from proxy.routing import Upstream
 
@@ -38,22 +38,18 @@ async def _finish(ex: Exchange) -> None:
 
 
 async def relay(
-    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive: float
+    ex: Exchange, up: Upstream, resp: Response, first: bytes, keepalive: float
 ) -> web.StreamResponse:
     ex.ttfb = time.perf_counter() - ex.started
     ex.status = resp.status
-    ctype = resp.headers.get("Content-Type", "application/json")
+    ctype = resp.headers.get("content-type", "application/json")
     if ctype.startswith("text/event-stream"):
         ex.stream = True
         return await _relay_stream(ex, up, resp, first, keepalive)
-    t = up.cfg.timeouts
     try:
-        if resp.content.is_eof():  # the whole body came in the first read (the usual case)
-            rest = b""
-        else:
-            async with asyncio.timeout(t.idle):
-                rest = await resp.content.read()
-    except (TimeoutError, aiohttp.ClientError, OSError):
+        # the whole body most often came in the first read
+        rest = b"" if resp.complete else await resp.read(up.cfg.timeouts.idle)
+    except (TimeoutError, ClientError, OSError):
         raise ProxyError(
             502, "The backend closed the connection early.", code="upstream_reset"
         ) from None
@@ -153,7 +149,7 @@ class _Transformer:
 
 
 async def _relay_stream(
-    ex: Exchange, up: Upstream, resp: aiohttp.ClientResponse, first: bytes, keepalive_seconds: float
+    ex: Exchange, up: Upstream, resp: Response, first: bytes, keepalive_seconds: float
 ) -> web.StreamResponse:
     headers = dict(ex.response_headers)
     headers.update(SSE_HEADERS)
@@ -169,7 +165,7 @@ async def _relay_stream(
 async def _pump(
     ex: Exchange,
     up: Upstream,
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     first: bytes,
     keepalive_seconds: float,
     out: web.StreamResponse,
@@ -197,8 +193,7 @@ async def _pump(
             silent = 0.0
             while True:
                 try:
-                    async with asyncio.timeout(tick):
-                        chunk = await resp.content.readany()
+                    chunk = await resp.read_chunk(tick)
                     break
                 except TimeoutError:
                     silent += tick
@@ -227,7 +222,7 @@ async def _pump(
         )
         resp.close()
         return out
-    except (aiohttp.ClientError, OSError) as exc:
+    except (ClientError, OSError) as exc:
         ex.error = f"upstream_{type(exc).__name__}"
         await _stream_error(
             out,

@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
-import aiohttp
 from yarl import URL
 
 from proxy.config import UpstreamConfig
+from proxy.http1 import Pool, request_target
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -29,13 +29,13 @@ class Upstream:
         self.cfg = cfg
         self.name = cfg.name
         self.base = URL(cfg.url) if not cfg.url.startswith("echo:") else URL("http://127.0.0.1")
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Pool | None = None
         self.failures = 0
         self.open_until = 0.0
         self._probed_at = -10.0
-        self._urls: dict[str, URL] = {}
+        self._targets: dict[str, str] = {}
         self._reachable = True
-        self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self.auth = [("Authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
 
     def serves(self, model: str | None) -> bool:
         name = model or ""
@@ -46,7 +46,7 @@ class Upstream:
         return self.open_until > time.monotonic()
 
     def state(self) -> str:
-        if self.session is None:
+        if self.pool is None:
             return "stopped"
         if self.is_open:
             return "open"
@@ -89,36 +89,39 @@ class Upstream:
                 },
             )
 
-    def url(self, path: str, query: str) -> URL:
-        # path is everything after /v1 (or the bare path for /chat/completions)
-        if not query:
-            cached = self._urls.get(path)
+    def target(self, path: str, raw_query: str) -> str:
+        """The request-target on this backend for a path after /v1 (or the bare path
+        for /chat/completions) and the client's query string."""
+        if not raw_query:
+            cached = self._targets.get(path)
             if cached is None:
-                cached = URL(str(self.base).rstrip("/") + path, encoded=True)
-                if len(self._urls) < 1024:
-                    self._urls[path] = cached
+                cached = request_target(self._base_path, path, "")
+                if len(self._targets) < 1024:
+                    self._targets[path] = cached
             return cached
-        return URL(str(self.base).rstrip("/") + path + f"?{query}", encoded=True)
+        return request_target(self._base_path, path, raw_query)
+
+    @property
+    def _base_path(self) -> str:
+        return self.base.raw_path.rstrip("/")
 
     async def start(self) -> None:
         if self.cfg.url.startswith("echo:"):
             from proxy.echo import start_echo
 
             self.base = await start_echo(self.cfg.url)
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect),
-            skip_auto_headers=("User-Agent",),
+        self.pool = Pool(
+            self.base.scheme,
+            self.base.raw_host or "127.0.0.1",
+            self.base.port,
+            limit=self.cfg.max_connections,
+            connect_timeout=self.cfg.timeouts.connect,
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
         if self.cfg.url.startswith("echo:"):
             from proxy.echo import stop_echo
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -92,6 +93,7 @@ async def _run(
             "port": port,
             "pid": os.getpid(),
             "workers": workers,
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "chain": [e.type for e in config.chain],
         },
     )
@@ -121,6 +123,20 @@ async def _run(
         handler.flush()
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `server.event_loop` asks for: uvloop (libuv) where it is
+    installed unless `asyncio` is chosen; None is the standard library's loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(
     config: LoadedConfig, *, host: str, port: int, workers: int = 1, config_path: str | None = None
 ) -> int:
@@ -128,9 +144,9 @@ def serve(
         log.error("--workers must be at least 1")
         return 2
     if workers == 1 or os.environ.get(WORKERS_ENV):
-        asyncio.run(
-            _run(config, host, port, reuse_port=bool(os.environ.get(WORKERS_ENV)), path=config_path)
-        )
+        reuse_port = bool(os.environ.get(WORKERS_ENV))
+        with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+            runner.run(_run(config, host, port, reuse_port=reuse_port, path=config_path))
         return 0
     return _supervise(config, host, port, workers, config_path)
 

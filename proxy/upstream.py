@@ -13,12 +13,12 @@ import random
 import re
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy import jsonfast
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
+from proxy.http1 import ClientError, Disconnected, Response
 from proxy.relay import relay
 from proxy.routing import Upstream, Upstreams
 
@@ -42,6 +42,8 @@ _DROP_REQUEST = {
     "x-api-key",
     "accept-encoding",
     "cookie",
+    "expect",
+    "x-request-id",
 }
 
 
@@ -71,18 +73,26 @@ def upstream_request_id(request_id: str) -> str:
     return own.group(1).rjust(32, "0") if own else request_id
 
 
-def _forward_headers(ex: Exchange, up: Upstream) -> dict[str, str]:
+def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
+    """The client's headers less those never forwarded and those the proxy sets."""
+    extra = ex.upstream_headers
     drop = ex.upstream_drop_headers
-    headers = {
-        k: v
+    if extra or up.auth or ex.body is not None:
+        drop = drop | {k.lower() for k in extra}
+        if up.auth:
+            drop.add("authorization")
+        if ex.body is not None:
+            drop.add("content-type")
+    headers = [
+        (k, v)
         for k, v in ex.request.headers.items()
-        if k.lower() not in _DROP_REQUEST and k.lower() not in drop
-    }
-    headers["X-Request-Id"] = upstream_request_id(ex.request_id)
-    headers.update(ex.upstream_headers)
-    headers.update(up.auth)
+        if (lk := k.lower()) not in _DROP_REQUEST and lk not in drop
+    ]
+    headers.append(("X-Request-Id", upstream_request_id(ex.request_id)))
+    headers.extend(extra.items())
+    headers.extend(up.auth)
     if ex.body is not None:
-        headers["Content-Type"] = "application/json"
+        headers.append(("Content-Type", "application/json"))
     return headers
 
 
@@ -95,8 +105,8 @@ def _backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
     return delay
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    value = resp.headers.get("Retry-After")
+def _retry_after(resp: Response) -> float | None:
+    value = resp.headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -106,64 +116,40 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 
 
 async def _open(
-    up: Upstream, ex: Exchange, path: str, data: bytes | None
-) -> tuple[aiohttp.ClientResponse, bytes]:
-    """Send the request; return the response and its first bytes, or raise Failure."""
-    assert up.session is not None
+    up: Upstream, ex: Exchange, target: str, data: bytes | None
+) -> tuple[Response, bytes]:
+    """Send the request; return the answer and its first bytes, or raise Failure."""
+    assert up.pool is not None
     t = up.cfg.timeouts
-    resp: aiohttp.ClientResponse | None = None
+    loop = up.pool.loop
+    deadline = loop.time() + t.first_byte
+    resp: Response | None = None
     try:
-        async with asyncio.timeout(t.first_byte):
-            resp = await up.session.request(
-                ex.request.method,
-                up.url(path, ex.request.query_string),
-                data=data,
-                headers=_forward_headers(ex, up),
-                allow_redirects=False,
+        resp = await up.pool.request(
+            ex.request.method,
+            target,
+            _forward_headers(ex, up),
+            data,
+            timeout=t.first_byte,
+        )
+        if resp.status >= 400:
+            body = await resp.read(max(deadline - loop.time(), 0.001))
+            resp.release()
+            raise _http_failure(up, resp, body)
+        first = await resp.read_chunk(max(deadline - loop.time(), 0.001))
+        if not first and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            # and never reuse the connection: the backend (llama-cpp-python) closes it next
+            resp.close()
+            raise Failure(
+                "empty",
+                ProxyError(
+                    502,
+                    "The backend ended the stream without sending anything.",
+                    code="upstream_empty",
+                ),
+                True,
             )
-            if resp.status >= 400:
-                body = await resp.read()
-                resp.release()
-                err = normalise_backend_error(resp.status, body)
-                retryable = resp.status in (429, 502, 503, 504)
-                if resp.status >= 500:
-                    status = resp.status if resp.status in (502, 503, 504) else 502
-                    message = err.message
-                    if resp.status not in (502, 503, 504) or "Traceback" in message:
-                        # a backend's internal failure may quote its traceback: log it,
-                        # do not show it
-                        log.warning(
-                            "backend error",
-                            extra={
-                                "upstream": up.name,
-                                "status": resp.status,
-                                "detail": message[:2000],
-                            },
-                        )
-                        message = f"The backend failed (status {resp.status})."
-                    err = ProxyError(status, message)
-                after = _retry_after(resp)
-                if after is not None and resp.status in (429, 503):
-                    err.headers["Retry-After"] = str(max(1, round(after)))
-                raise Failure(f"http_{resp.status}", err, retryable, after)
-            proto = resp.connection.protocol if resp.connection is not None else None
-            first = await resp.content.readany()
-            if not first and resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                resp.close()
-                # the empty body was complete, so aiohttp already pooled the connection,
-                # which the backend (llama-cpp-python) closes next: never reuse it
-                if proto is not None:
-                    proto.close()
-                raise Failure(
-                    "empty",
-                    ProxyError(
-                        502,
-                        "The backend ended the stream without sending anything.",
-                        code="upstream_empty",
-                    ),
-                    True,
-                )
-            return resp, first
+        return resp, first
     except Failure:
         raise
     except TimeoutError:
@@ -178,15 +164,36 @@ async def _open(
             ),
             True,
         ) from None
-    except (aiohttp.ClientConnectionError, OSError) as exc:
+    except Disconnected:
+        # most often a pooled keep-alive connection the backend had just closed
+        raise Failure(
+            "stale",
+            ProxyError(
+                502,
+                "The backend closed the connection without answering.",
+                code="upstream_unreachable",
+            ),
+            True,
+        ) from None
+    except ClientError:
         if resp is not None:
             resp.close()
-        kind = "connect" if resp is None else "reset"
-        if resp is None and isinstance(exc, aiohttp.ServerDisconnectedError):
-            # most often a pooled keep-alive connection the backend had just closed
-            kind = "stale"
         raise Failure(
-            kind,
+            "reset" if resp is not None else "bad_response",
+            ProxyError(
+                502,
+                "The backend closed the connection early."
+                if resp is not None
+                else "The backend's answer is not valid HTTP.",
+                code="upstream_reset" if resp is not None else "upstream_bad_response",
+            ),
+            True,
+        ) from None
+    except OSError as exc:
+        if resp is not None:
+            resp.close()
+        raise Failure(
+            "connect" if resp is None else "reset",
             ProxyError(
                 502,
                 f"The backend is unreachable ({type(exc).__name__}).",
@@ -194,14 +201,32 @@ async def _open(
             ),
             True,
         ) from None
-    except aiohttp.ClientPayloadError:
+    except BaseException:
         if resp is not None:
             resp.close()
-        raise Failure(
-            "reset",
-            ProxyError(502, "The backend closed the connection early.", code="upstream_reset"),
-            True,
-        ) from None
+        raise
+
+
+def _http_failure(up: Upstream, resp: Response, body: bytes) -> Failure:
+    """A backend's 4xx/5xx answer, as the client will see it."""
+    err = normalise_backend_error(resp.status, body)
+    retryable = resp.status in (429, 502, 503, 504)
+    if resp.status >= 500:
+        status = resp.status if resp.status in (502, 503, 504) else 502
+        message = err.message
+        if resp.status not in (502, 503, 504) or "Traceback" in message:
+            # a backend's internal failure may quote its traceback: log it, do not
+            # show it
+            log.warning(
+                "backend error",
+                extra={"upstream": up.name, "status": resp.status, "detail": message[:2000]},
+            )
+            message = f"The backend failed (status {resp.status})."
+        err = ProxyError(status, message)
+    after = _retry_after(resp)
+    if after is not None and resp.status in (429, 503):
+        err.headers["Retry-After"] = str(max(1, round(after)))
+    return Failure(f"http_{resp.status}", err, retryable, after)
 
 
 async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamResponse:
@@ -223,7 +248,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             "Every backend for this model is temporarily unavailable.",
             code="upstream_unavailable",
         )
-    data = jsonfast.dumps(ex.body) if ex.body is not None else (ex.raw_body or None)
+    data = jsonfast.dumps(ex.body) if ex.body is not None else ex.raw_body
     last: Failure | None = None
     stale_retried = False
     for up in live:
@@ -232,7 +257,9 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             attempt += 1
             ex.attempts += 1
             try:
-                resp, first = await _open(up, ex, path, data)
+                resp, first = await _open(
+                    up, ex, up.target(path, ex.request.rel_url.raw_query_string), data
+                )
             except Failure as failure:
                 if failure.kind == "stale" and not stale_retried:
                     # the backend had just closed an idle pooled connection: once more,
@@ -292,19 +319,22 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
     docs: list[Any] = []
     errors: list[ProxyError] = []
     for up in upstreams.all:
-        if up.session is None or up.is_open:
+        if up.pool is None or up.is_open:
             continue
+        timeout = up.cfg.timeouts.first_byte
         try:
-            async with asyncio.timeout(up.cfg.timeouts.first_byte):
-                async with up.session.get(
-                    up.url("/models", ""), headers=_forward_headers(ex, up)
-                ) as resp:
-                    body = await resp.read()
-                    if resp.status >= 400:
-                        errors.append(normalise_backend_error(resp.status, body))
-                        continue
-                    docs.append(jsonfast.loads(body))
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            resp = await up.pool.request(
+                "GET", up.target("/models", ""), _forward_headers(ex, up), None, timeout=timeout
+            )
+            try:
+                body = await resp.read(timeout)
+            finally:
+                resp.release()
+            if resp.status >= 400:
+                errors.append(normalise_backend_error(resp.status, body))
+                continue
+            docs.append(jsonfast.loads(body))
+        except (TimeoutError, ClientError, OSError, ValueError) as exc:
             errors.append(
                 ProxyError(
                     502,

@@ -1,0 +1,578 @@
+"""The HTTP/1.1 client that talks to the backends.
+
+A proxy asks little of its client: one request on a kept-alive connection, the
+status and headers, then the body as it arrives. This client does only that, in one
+`transport.write` per request and with no per-request objects beyond the answer, so
+that a request the middlewares leave alone costs close to a bare socket relay.
+
+- `Pool`: the connections to one origin (http or https), at most `limit` at a time;
+  idle ones are reused newest first and dropped after `keepalive` seconds or as soon
+  as the backend closes them.
+- `Response`: status, headers (lower-case names), `read_chunk()` for the body as it
+  comes (Content-Length, chunked, or until the backend closes), `read()` for the
+  rest, `release()` to give the connection back (closed when the body was not read
+  to its end, which tells the backend to stop generating).
+
+Errors: `OSError` when connecting fails, `TimeoutError` past a deadline,
+`Disconnected` when the backend closes before the status line (on a reused
+connection, most often one it had just closed as idle), `ResponseError` for an
+answer that is not HTTP or that ends before its announced end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl as ssl_module
+import time
+from collections import deque
+from typing import cast
+from urllib.parse import quote
+
+__all__ = ["ClientError", "Disconnected", "Pool", "Response", "ResponseError"]
+
+MAX_HEAD = 64 * 1024  # status line and headers
+MAX_CHUNK_LINE = 4096
+HIGH_WATER = 1024 * 1024  # body bytes buffered before the backend is paused
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_SAFE_TARGET = re.compile(r"[!$&'()*+,\-./0-9:;=@A-Z_a-z~]*")
+
+# states of the body parser
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+
+
+class ClientError(Exception):
+    """A backend exchange that failed after the connection was made."""
+
+
+class Disconnected(ClientError):
+    """The backend closed the connection before the status line of its answer."""
+
+
+class ResponseError(ClientError):
+    """The backend's answer is not valid HTTP/1.x, or ended before its end."""
+
+
+def request_target(base_path: str, path: str, raw_query: str) -> str:
+    """The request-target: the upstream's base path, the path (percent-encoded
+    where needed) and the client's query as it came."""
+    target = base_path + path
+    if not _SAFE_TARGET.fullmatch(target):
+        target = quote(target, safe="/:@!$&'()*+,;=-._~")
+    return target + "?" + raw_query if raw_query else target
+
+
+class _Conn(asyncio.Protocol):
+    """One connection; it carries one exchange at a time."""
+
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_cbuf",
+        "_error",
+        "_expect_body",
+        "_head",
+        "_keep_alive",
+        "_paused",
+        "_remaining",
+        "_state",
+        "_waiter",
+        "closed",
+        "headers",
+        "idle_since",
+        "pool",
+        "reason",
+        "reused",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.reused = False
+        self.idle_since = 0.0
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state = _HEAD
+        self._head = b""
+        self._remaining = 0
+        self._cbuf = b""
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._keep_alive = True
+        self._expect_body = True
+        self.status = 0
+        self.reason = ""
+        self.headers: dict[str, str] = {}
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_since:  # bytes nobody asked for, on an idle connection
+            self._fail(ResponseError("unexpected bytes on an idle connection"))
+            return
+        try:
+            if self._state == _HEAD:
+                data = self._parse_head(data)
+                if self._state == _HEAD:
+                    return
+                self._wake()
+            if data:
+                self._feed_body(data)
+        except ResponseError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost says what it meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_since:
+            self.pool._forget(self)
+            return
+        if self._error is not None:
+            return
+        if self._state == _UNTIL_CLOSE:
+            self._state = _DONE
+            self._keep_alive = False
+            self._wake()
+        elif self._state == _HEAD:
+            self._set_error(Disconnected("the backend closed the connection"))
+        elif self._state != _DONE:
+            self._set_error(ResponseError("the backend closed the connection early"))
+
+    def pause_writing(self) -> None:  # request bodies are bounded: buffered in full
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- parsing
+
+    def _parse_head(self, data: bytes) -> bytes:
+        head = self._head + data if self._head else data
+        while True:
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(head) > MAX_HEAD:
+                    raise ResponseError("the response headers are too long")
+                self._head = head
+                return b""
+            lines = head[:end].decode("latin-1").split("\r\n")
+            head = head[end + 4 :]
+            status_line = lines[0].split(" ", 2)
+            if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
+                raise ResponseError("the backend's answer is not HTTP/1.x")
+            try:
+                status = int(status_line[1])
+            except ValueError:
+                raise ResponseError("the backend's status code is not a number") from None
+            if not 100 <= status <= 999:
+                raise ResponseError("the backend's status code is out of range")
+            if 100 <= status < 200:  # 100 Continue and other interim answers
+                continue
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name != name.strip():
+                    raise ResponseError("a response header line is malformed")
+                key = name.lower()
+                value = value.strip()
+                if key in headers:
+                    headers[key] += ", " + value
+                else:
+                    headers[key] = value
+            self.status = status
+            self.reason = status_line[2] if len(status_line) > 2 else ""
+            self.headers = headers
+            self._head = b""
+            if status_line[0] == "HTTP/1.0":
+                self._keep_alive = "keep-alive" in headers.get("connection", "").lower()
+            elif "close" in headers.get("connection", "").lower():
+                self._keep_alive = False
+            self._frame(headers)
+            return head
+
+    def _frame(self, headers: dict[str, str]) -> None:
+        if not self._expect_body or self.status in (204, 304):
+            self._state = _DONE
+            return
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if te.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                raise ResponseError("the backend's transfer-encoding is not supported")
+            self._state = _CHUNK_SIZE
+            return
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ResponseError("the backend's content-length is not a number")
+            self._remaining = int(length)
+            self._state = _LENGTH if self._remaining else _DONE
+            return
+        self._state = _UNTIL_CLOSE
+        self._keep_alive = False
+
+    def _feed_body(self, data: bytes) -> None:
+        state = self._state
+        if state == _LENGTH:
+            n = len(data)
+            if n >= self._remaining:
+                if n > self._remaining:
+                    data = data[: self._remaining]
+                    self._keep_alive = False
+                self._remaining = 0
+                self._state = _DONE
+            else:
+                self._remaining -= n
+            self._push(data)
+        elif state == _UNTIL_CLOSE:
+            self._push(data)
+        elif state == _DONE:
+            self._keep_alive = False  # bytes past the end: do not trust this connection
+        else:
+            self._dechunk(data)
+
+    def _dechunk(self, data: bytes) -> None:
+        buf = self._cbuf + data if self._cbuf else data
+        pos = 0
+        n = len(buf)
+        out: list[bytes] = []
+        state = self._state
+        while pos < n:
+            if state == _CHUNK_DATA:
+                take = min(self._remaining, n - pos)
+                out.append(buf[pos : pos + take] if take < n or pos else buf)
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if n - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ResponseError("a chunk of the backend's answer is malformed")
+                pos += 2
+                state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > MAX_CHUNK_LINE:
+                        raise ResponseError("a chunk size line is too long")
+                    break
+                size = buf[pos:eol].split(b";", 1)[0].strip()
+                if not _HEX.fullmatch(size):
+                    raise ResponseError("a chunk size of the backend's answer is malformed")
+                self._remaining = int(size, 16)
+                pos = eol + 2
+                state = _CHUNK_DATA if self._remaining else _TRAILERS
+            elif state == _TRAILERS:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > MAX_HEAD:
+                        raise ResponseError("the response trailers are too long")
+                    break
+                if eol == pos:
+                    pos += 2
+                    state = _DONE
+                    if pos < n:
+                        self._keep_alive = False
+                    break
+                pos = eol + 2
+            else:
+                break
+        self._state = state
+        self._cbuf = buf[pos:] if state != _DONE and pos < n else b""
+        if out:
+            self._push(out[0] if len(out) == 1 else b"".join(out))
+        elif state == _DONE:
+            self._wake()
+
+    def _push(self, data: bytes) -> None:
+        if data:
+            self._body.append(data)
+            self._buffered += len(data)
+            if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _set_error(self, exc: BaseException) -> None:
+        self._error = exc
+        self._keep_alive = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._set_error(exc)
+        self.close()
+
+    # -- used by Pool and Response
+
+    async def _wait(self, timeout: float) -> None:
+        if self._error is not None:
+            raise self._error
+        loop = self.pool.loop
+        waiter = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class Response:
+    """The answer to one request; the connection is the pool's again after
+    `release()` or `close()`."""
+
+    __slots__ = ("_conn", "_done", "headers", "reason", "status")
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+        self.status = conn.status
+        self.reason = conn.reason
+        self.headers = conn.headers
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived and been read."""
+        c = self._conn
+        return c._state == _DONE and not c._body
+
+    async def read_chunk(self, timeout: float) -> bytes:
+        """The body bytes received since the last call (waiting up to `timeout`
+        seconds for some); b"" at the end of the body."""
+        c = self._conn
+        if self._done:
+            return b""
+        while not c._body:
+            if c._state == _DONE:
+                return b""
+            await c._wait(timeout)
+        body = c._body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        c._body = []
+        c._buffered = 0
+        if c._paused and c.transport is not None:
+            c._paused = False
+            c.transport.resume_reading()
+        return data
+
+    async def read(self, timeout: float) -> bytes:
+        """The rest of the body, each wait for more bytes up to `timeout` seconds."""
+        parts: list[bytes] = []
+        while True:
+            chunk = await self.read_chunk(timeout)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+
+    def release(self) -> None:
+        """Done with the answer: the connection goes back to the pool when the body
+        was read to its end, and is closed otherwise."""
+        if self._done:
+            return
+        self._done = True
+        c = self._conn
+        reusable = c._state == _DONE and not c._body and c._keep_alive and not c.closed
+        c.pool._release(c, reusable)
+
+    def close(self) -> None:
+        """Close the connection whatever was read (the backend sees the client go)."""
+        if self._done:
+            return
+        self._done = True
+        c = self._conn
+        c.pool._release(c, False)
+
+
+class Pool:
+    """Connections to one origin, at most `limit` open at a time."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int | None,
+        *,
+        limit: int = 100,
+        connect_timeout: float = 5.0,
+        keepalive: float = 15.0,
+        ssl_context: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.host = host
+        tls = scheme == "https"
+        self.port = port or (443 if tls else 80)
+        self.ssl = (ssl_context or ssl_module.create_default_context()) if tls else None
+        default = 443 if tls else 80
+        name = f"[{host}]" if ":" in host else host
+        self.host_header = name if self.port == default else f"{name}:{self.port}"
+        self.limit = limit
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self._idle: list[_Conn] = []
+        self._busy = 0  # connections handed out or being opened
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._busy + len(self._idle)
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        *,
+        timeout: float,
+    ) -> Response:
+        """Send a request; return once the status line and headers have arrived
+        (within `timeout` seconds of the call, connecting included)."""
+        if self._closed:
+            raise ClientError("the connection pool is closed")
+        deadline = self.loop.time() + timeout
+        conn = await self._acquire(deadline)
+        try:
+            lines = [f"{method} {target} HTTP/1.1", "Host: " + self.host_header]
+            lines.extend(f"{k}: {v}" for k, v in headers)
+            if body is not None:
+                lines.append(f"Content-Length: {len(body)}")
+            head = "\r\n".join(lines)
+            if "\n" in head.replace("\r\n", ""):
+                raise ValueError("a header name or value contains a line break")
+            data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape")
+            conn._expect_body = method != "HEAD"
+            assert conn.transport is not None
+            conn.transport.write(data + body if body else data)
+            while conn._state == _HEAD:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    raise TimeoutError()
+                await conn._wait(remaining)
+        except BaseException:
+            self._release(conn, False)
+            raise
+        return Response(conn)
+
+    async def _acquire(self, deadline: float) -> _Conn:
+        while True:
+            idle = self._idle
+            while idle:
+                conn = idle.pop()
+                if conn.closed:
+                    continue
+                if time.monotonic() - conn.idle_since > self.keepalive:
+                    conn.close()
+                    continue
+                self._expire_idle()
+                conn.idle_since = 0.0
+                conn.reused = True
+                conn._reset()
+                self._busy += 1
+                return conn
+            if self._busy < self.limit:
+                break
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            timer = self.loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake_one()  # woken, then cancelled: pass the turn on
+                raise
+            finally:
+                timer.cancel()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self._busy += 1
+        try:
+            remaining = deadline - self.loop.time()
+            async with asyncio.timeout(min(self.connect_timeout, max(remaining, 0.0))):
+                _, conn = await self.loop.create_connection(
+                    lambda: _Conn(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None,
+                )
+        except BaseException:
+            self._busy -= 1
+            self._wake_one()
+            raise
+        return conn
+
+    def _expire_idle(self) -> None:
+        # the oldest idle connections sit at the bottom of the stack
+        idle = self._idle
+        if idle and time.monotonic() - idle[0].idle_since > self.keepalive:
+            now = time.monotonic()
+            keep = [c for c in idle if now - c.idle_since <= self.keepalive and not c.closed]
+            for c in idle:
+                if c not in keep:
+                    c.close()
+            self._idle = keep
+
+    def _release(self, conn: _Conn, reusable: bool) -> None:
+        self._busy -= 1
+        if reusable and not self._closed:
+            conn.idle_since = time.monotonic() or 1e-9
+            self._idle.append(conn)
+        else:
+            conn.close()
+        self._wake_one()
+
+    def _forget(self, conn: _Conn) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ClientError("the connection pool is closed"))
+        self._waiters.clear()
