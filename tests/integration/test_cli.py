@@ -122,3 +122,6 @@ def test_serve_demo_answers_curl_like_requests() -> None:
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     access = [x for x in lines if x.get("logger") == "chat_proxy.access"]
     assert any(x["path"] == "/v1/chat/completions" and x["status"] == 200 for x in access)
+    # uvloop is a dependency where it builds: the default event loop is uvloop's
+    started = next(x for x in lines if x.get("msg") == "chat-proxy listening")
+    assert started["event_loop"] == "uvloop"
