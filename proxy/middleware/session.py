@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import Field, field_validator
 
@@ -71,7 +72,6 @@ BATCH = 200  # turns written in one transaction at most
 GATHER = 0.005  # seconds a write waits for more turns to share its transaction
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_WS = re.compile(r"\s+")
 _HIDDEN_ROLES = ("system", "developer")
 
 clock: Callable[[], float] = time.time  # the time sessions are stamped with
@@ -103,7 +103,9 @@ def _canonical(value: Any) -> str:
 
 
 def _collapse(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    # runs of whitespace to one space, ends trimmed: str.split() and the regex `\s+`
+    # agree on every Unicode whitespace character
+    return " ".join(text.split())
 
 
 def _text(content: Any) -> str:
@@ -158,6 +160,27 @@ def digest(owner: str, tail: Sequence[list[Any]]) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def _message_key(message: dict[str, Any]) -> bytes:
+    """The canonical JSON of a normalised message, as `digest` writes it inside its
+    list. A normalised message holds strings and lists only, which orjson writes byte
+    for byte as the standard encoder does (compact, no ASCII escaping), except a lone
+    surrogate, which it refuses."""
+    normal = normalise(message)
+    try:
+        return orjson.dumps(normal)
+    except TypeError:
+        return _canonical(normal).encode("utf-8", "surrogatepass")
+
+
+def _digest_keys(owner: bytes, keys: Sequence[bytes]) -> str:
+    """`digest` of the messages whose `_message_key`s these are."""
+    return hashlib.sha256(owner + b"\0[" + b",".join(keys) + b"]").hexdigest()[:32]
+
+
+def _owner_bytes(owner: str) -> bytes:
+    return owner.encode("utf-8", "surrogateescape")
+
+
 def lookup_digest(owner: str, convo: Sequence[dict[str, Any]]) -> str | None:
     """The digest of a request's history: its last messages up to and including its
     last assistant message, or None if it has no history worth matching."""
@@ -169,19 +192,21 @@ def lookup_digest(owner: str, convo: Sequence[dict[str, Any]]) -> str | None:
     if last is None or last < 1:
         return None
     tail = convo[max(0, last + 1 - TAIL) : last + 1]
-    return digest(owner, [normalise(m) for m in tail])
+    return _digest_keys(_owner_bytes(owner), [_message_key(m) for m in tail])
 
 
 def record_digests(
     owner: str, convo: Sequence[dict[str, Any]], replies: Sequence[dict[str, Any]]
 ) -> tuple[str, ...]:
     """The digests under which a later request continues this conversation."""
-    before = [normalise(m) for m in convo[-(TAIL - 1) :]] if TAIL > 1 else []
+    before = [_message_key(m) for m in convo[-(TAIL - 1) :]] if TAIL > 1 else []
     out: list[str] = []
+    who = b""
     for reply in replies:
-        full = [*before, normalise(reply)]
+        full = [*before, _message_key(reply)]
         for length in range(2, min(TAIL, len(full)) + 1):
-            d = digest(owner, full[-length:])
+            who = who or _owner_bytes(owner)
+            d = _digest_keys(who, full[-length:])
             if d not in out:
                 out.append(d)
     return tuple(out)
@@ -237,24 +262,41 @@ def redact_message(message: Any) -> dict[str, Any]:
 
 
 class Writer:
-    """Queues turns and writes them in batches off the request path."""
+    """Queues turns and writes them in batches off the request path.
+
+    Turns join the open batch (a list); the queue carries batches, so the writer task
+    is woken once per batch, not once per turn."""
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
-        self.queue: asyncio.Queue[tuple[int, TurnRecord]] = asyncio.Queue()
+        # batches of (write number, turn): `queue.join()` returns when all are written
+        self.queue: asyncio.Queue[list[tuple[int, TurnRecord]]] = asyncio.Queue()
         # digests of queued turns: (owner, digest) -> (session id, write number)
         self.pending: dict[tuple[str, str], tuple[str, int]] = {}
         self._seq = 0
+        self._batch: list[tuple[int, TurnRecord]] = []  # the batch new turns join
+        self._waiting = 0  # turns submitted and not yet taken by the writer
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, rec: TurnRecord) -> None:
-        if self.queue.qsize() >= MAX_PENDING:
+        if self._waiting >= MAX_PENDING:
             log.error("session writes are falling behind; a turn of %s was dropped", rec.session_id)
             return
         self._seq += 1
-        for d in rec.digests:
-            self.pending[(rec.owner, d)] = (rec.session_id, self._seq)
-        self.queue.put_nowait((self._seq, rec))
+        seq = self._seq
+        if rec.digests:
+            entry = (rec.session_id, seq)
+            owner = rec.owner
+            pending = self.pending
+            for d in rec.digests:
+                pending[(owner, d)] = entry
+        self._waiting += 1
+        batch = self._batch
+        batch.append((seq, rec))
+        if len(batch) == 1:
+            self.queue.put_nowait(batch)
+        if len(batch) >= BATCH:
+            self._batch = []
 
     def queued(self, owner: str, d: str) -> str | None:
         hit = self.pending.get((owner, d))
@@ -283,23 +325,35 @@ class Writer:
                     return
                 await asyncio.sleep(0.1 * (attempt + 1))
 
+    def _take(self, batch: list[tuple[int, TurnRecord]]) -> None:
+        """Close the batch: the turns submitted from now on join the next one."""
+        if batch is self._batch:
+            self._batch = []
+        self._waiting -= len(batch)
+
     async def run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
+            batch = await self.queue.get()
+            taken = False
             try:
-                if self.queue.qsize() < BATCH - 1:
+                if len(batch) < BATCH:
                     # under load the next turns are only milliseconds away: sharing
                     # one transaction (one commit) costs far less than one each
                     await asyncio.sleep(GATHER)
-                while len(batch) < BATCH and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
+                self._take(batch)
+                taken = True
                 await self._write([rec for _, rec in batch])
             finally:
+                if not taken:
+                    self._take(batch)
+                pending = self.pending
                 for seq, rec in batch:
                     for d in rec.digests:
-                        if self.pending.get((rec.owner, d), ("", 0))[1] == seq:
-                            del self.pending[(rec.owner, d)]
-                    self.queue.task_done()
+                        key = (rec.owner, d)
+                        hit = pending.get(key)
+                        if hit is not None and hit[1] == seq:
+                            del pending[key]
+                self.queue.task_done()
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait until every queued turn is written (or the timeout passes)."""
@@ -358,6 +412,11 @@ def _client_id(value: Any, param: str) -> str:
             code="invalid_session_id",
         )
     return value
+
+
+def _choice_index(choice: dict[str, Any]) -> int:
+    index = choice.get("index", 0)
+    return index if isinstance(index, int) else 0
 
 
 def _int(value: Any) -> int:
@@ -459,12 +518,11 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
             doc = ex.completion
             if not isinstance(doc, dict):
                 return
-            choices = sorted(
-                (c for c in doc.get("choices") or () if isinstance(c, dict)),
-                key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0,
-            )
+            choices = [c for c in doc.get("choices") or () if isinstance(c, dict)]
             if not choices:
                 return
+            if len(choices) > 1:
+                choices.sort(key=_choice_index)
             replies = [
                 c["message"] if isinstance(c.get("message"), dict) else {"role": "assistant"}
                 for c in choices
