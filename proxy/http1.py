@@ -470,7 +470,7 @@ class Pool:
             if body is not None:
                 lines.append(f"Content-Length: {len(body)}")
             head = "\r\n".join(lines)
-            if "\n" in head.replace("\r\n", ""):
+            if head.count("\r") != len(lines) - 1 or head.count("\n") != len(lines) - 1:
                 raise ValueError("a header name or value contains a line break")
             data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape")
             conn._expect_body = method != "HEAD"
