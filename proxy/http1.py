@@ -57,9 +57,9 @@ class ResponseError(ClientError):
 def request_target(base_path: str, path: str, raw_query: str) -> str:
     """The request-target: the upstream's base path, the path (percent-encoded
     where needed) and the client's query as it came."""
+    if not _SAFE_TARGET.fullmatch(path):
+        path = quote(path, safe="/:@!$&'()*+,;=-._~")
     target = base_path + path
-    if not _SAFE_TARGET.fullmatch(target):
-        target = quote(target, safe="/:@!$&'()*+,;=-._~")
     return target + "?" + raw_query if raw_query else target
 
 
