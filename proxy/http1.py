@@ -215,7 +215,7 @@ class _Conn(asyncio.Protocol):
             return
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise ResponseError("the backend's content-length is not a number")
             self._remaining = int(length)
             self._state = _LENGTH if self._remaining else _DONE
