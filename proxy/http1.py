@@ -166,6 +166,8 @@ class _Conn(asyncio.Protocol):
             if end < 0:
                 if len(head) > MAX_HEAD:
                     raise ResponseError("the response headers are too long")
+                if not head.startswith(b"HTTP/") and not b"HTTP/".startswith(head):
+                    raise ResponseError("the backend's answer is not HTTP/1.x")
                 self._head = head
                 return b""
             lines = head[:end].decode("latin-1").split("\r\n")
