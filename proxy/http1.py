@@ -146,7 +146,7 @@ class _Conn(asyncio.Protocol):
             self._state = _DONE
             self._keep_alive = False
             self._wake()
-        elif self._state == _HEAD:
+        elif self._state == _HEAD and not self._head:
             self._set_error(Disconnected("the backend closed the connection"))
         elif self._state != _DONE:
             self._set_error(ResponseError("the backend closed the connection early"))
