@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
 
 T = TypeVar("T")
@@ -60,7 +62,8 @@ _COLUMNS = (
 )
 
 
-# one statement per turn: create the session or count the turn into it
+# one row per turn, in one executemany per batch: create the session or count the
+# turn into it
 _UPSERT_SESSION = (
     "INSERT INTO sessions (owner, id, created, updated, source, key_id, model, turn_count, "
     "prompt_tokens, completion_tokens, total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
@@ -69,16 +72,58 @@ _UPSERT_SESSION = (
     "turn_count = turn_count + 1, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, "
-    "total_tokens = total_tokens + excluded.total_tokens "
-    "RETURNING turn_count"
+    "total_tokens = total_tokens + excluded.total_tokens"
 )
-_INSERT_TURN = "INSERT OR REPLACE INTO turns (owner, session_id, seq, data) VALUES (?, ?, ?, ?)"
+# then the turns, once every session of the batch is counted: a turn's number is the
+# session's count less the turns of that session later in the batch (?1); a number of
+# 1 means this batch created the session, whose first turn is the opening one (?2)
+_INSERT_TURN = (
+    "INSERT OR REPLACE INTO turns (owner, session_id, seq, data) "
+    "SELECT owner, id, turn_count - ?1, CASE WHEN turn_count - ?1 = 1 THEN ?2 ELSE ?3 END "
+    "FROM sessions WHERE owner = ?4 AND id = ?5"
+)
 _INDEX_DIGEST = (
     "INSERT INTO history (owner, digest, session_id) VALUES (?, ?, ?) "
     "ON CONFLICT (owner, digest) DO UPDATE SET session_id = excluded.session_id"
 )
 # json.dumps(value, ensure_ascii=False), without building an encoder per call
 _encode = json.JSONEncoder(ensure_ascii=False).encode
+_SCALARS = (str, int, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """Whether a tree holds only dicts, lists, strings, integers, booleans, None and
+    finite floats: what orjson writes as the standard encoder does (it writes NaN as
+    null, and objects the standard encoder refuses, such as datetimes, as it likes)."""
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is str:
+            continue
+        if kind is dict:
+            push(node.values())
+        elif kind is list:
+            push(node)
+        elif kind is float:
+            if node - node != 0.0:  # NaN or an infinity
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
+def _dumps(value: Any) -> str:
+    """The JSON text of a turn: orjson's where it writes the same value (compact, so the
+    text differs in spacing only), the standard encoder's otherwise."""
+    if _plain(value):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError:  # an integer beyond 64 bits, a lone surrogate, a key not a string
+            pass
+    return _encode(value)
 
 
 def _session(row: Sequence[Any]) -> Session:
@@ -211,14 +256,16 @@ class SQLiteStore:
             return
         # serialise here, not in the writer thread: the records are the caller's
         sessions: list[tuple[Any, ...]] = []
-        turns: list[tuple[str, str, str, str]] = []  # owner, id, opening turn, turn
+        turns: list[tuple[int, str, str, str, str]] = []
         history: list[tuple[str, str, str]] = []
-        for rec in records:
+        later: dict[tuple[str, str], int] = {}  # turns of a session further on
+        for rec in reversed(records):
             owner, sid = rec.owner, rec.session_id
-            turn = _encode(rec.turn)
-            turns.append(
-                (owner, sid, turn if rec.opening is None else _encode(rec.first_turn()), turn)
-            )
+            turn = _dumps(rec.turn)
+            first = turn if rec.opening is None else _dumps(rec.first_turn())
+            after = later.get((owner, sid), 0)
+            later[(owner, sid)] = after + 1
+            turns.append((after, first, turn, owner, sid))
             sessions.append(
                 (
                     owner,
@@ -233,20 +280,20 @@ class SQLiteStore:
                     rec.total_tokens,
                 )
             )
-            history.extend((owner, d, sid) for d in rec.digests)
+        sessions.reverse()
+        turns.reverse()
+        for rec in records:
+            if rec.digests:
+                owner, sid = rec.owner, rec.session_id
+                history.extend((owner, d, sid) for d in rec.digests)
 
         def run() -> None:
             con = self._wcon
             assert con is not None
             con.execute("BEGIN IMMEDIATE")
             try:
-                rows: list[tuple[str, str, int, str]] = []
-                for args, (owner, sid, first, turn) in zip(sessions, turns, strict=True):
-                    # a session that exists has at least one turn: a count of 1 means
-                    # this write created it
-                    (seq,) = con.execute(_UPSERT_SESSION, args).fetchone()
-                    rows.append((owner, sid, seq, first if seq == 1 else turn))
-                con.executemany(_INSERT_TURN, rows)
+                con.executemany(_UPSERT_SESSION, sessions)
+                con.executemany(_INSERT_TURN, turns)
                 if history:
                     con.executemany(_INDEX_DIGEST, history)
                 con.execute("COMMIT")
