@@ -170,16 +170,18 @@ class _Conn(asyncio.Protocol):
                     raise ResponseError("the backend's answer is not HTTP/1.x")
                 self._head = head
                 return b""
+            if end > MAX_HEAD:
+                raise ResponseError("the response headers are too long")
             lines = head[:end].decode("latin-1").split("\r\n")
             head = head[end + 4 :]
             status_line = lines[0].split(" ", 2)
             if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
                 raise ResponseError("the backend's answer is not HTTP/1.x")
-            try:
-                status = int(status_line[1])
-            except ValueError:
-                raise ResponseError("the backend's status code is not a number") from None
-            if not 100 <= status <= 999:
+            code = status_line[1]
+            if len(code) != 3 or not code.isascii() or not code.isdigit():
+                raise ResponseError("the backend's status code is not three digits")
+            status = int(code)
+            if status < 100:
                 raise ResponseError("the backend's status code is out of range")
             if 100 <= status < 200:  # 100 Continue and other interim answers
                 continue

@@ -653,6 +653,10 @@ async def test_malformed_status_lines_and_headers_raise_response_error() -> None
         b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab",  # a digit to str.isdigit
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * (70 * 1024),  # then more: too long a head
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * (70 * 1024) + b"\r\n\r\n",  # in one piece
+        b"HTTP/1.1 +200 OK\r\n\r\n",
+        b"HTTP/1.1 2_00 OK\r\n\r\n",
+        b"HTTP/1.1 \xb200 OK\r\n\r\n",
     ]
 
     async def script(peer: Peer) -> None:
