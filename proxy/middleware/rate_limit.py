@@ -118,18 +118,24 @@ def estimate_prompt(body: dict[str, Any] | None) -> int:
             if not isinstance(msg, dict):
                 continue
             items += 1
-            c, i = _chars(msg.get("content"))
-            chars += c
-            images += i
+            content = msg.get("content")
+            if type(content) is str:
+                chars += len(content)
+            elif content is not None:
+                c, i = _chars(content)
+                chars += c
+                images += i
             calls = msg.get("tool_calls")
-            if isinstance(calls, list):
+            if calls is not None and isinstance(calls, list):
                 chars += len(json.dumps(calls))
         if isinstance(body.get("tools"), list):
             chars += len(json.dumps(body["tools"]))
     for name in ("prompt", "input"):
-        c, i = _chars(body.get(name))
-        chars += c
-        images += i
+        value = body.get(name)
+        if value is not None:
+            c, i = _chars(value)
+            chars += c
+            images += i
     if not chars and not images and not items:
         return 0
     return math.ceil(chars / 4) + 4 * items + 3 + _IMAGE_TOKENS * images
@@ -157,10 +163,12 @@ def estimate(ex: Exchange, default_max_tokens: int) -> Estimate:
     prompt = estimate_prompt(body)
     if body is None:
         return Estimate(prompt, 0, False)
-    n = _positive_int(body.get("n")) or 1
-    limit = _positive_int(body.get("max_completion_tokens")) or _positive_int(
-        body.get("max_tokens")
-    )
+    value = body.get("n")
+    n = 1 if value is None else _positive_int(value) or 1
+    value = body.get("max_completion_tokens")
+    limit = None if value is None else _positive_int(value)
+    if limit is None:
+        limit = _positive_int(body.get("max_tokens"))
     if limit is not None:
         return Estimate(prompt, limit * n, True)
     generates = ex.route == "chat" or ex.request.path.endswith("/completions")
@@ -248,14 +256,20 @@ class Meter:
 # responses
 
 
-def _headers(decision: Decision) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for kind, window in (("requests", decision.requests), ("tokens", decision.tokens)):
-        if window is None:
-            continue
-        headers[f"x-ratelimit-limit-{kind}"] = str(window.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining)
-        headers[f"x-ratelimit-reset-{kind}"] = format_reset(window.reset)
+def _headers(decision: Decision, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The x-ratelimit-* headers of a decision, added to `headers` if given."""
+    if headers is None:
+        headers = {}
+    window = decision.requests
+    if window is not None:
+        headers["x-ratelimit-limit-requests"] = str(window.limit)
+        headers["x-ratelimit-remaining-requests"] = str(window.remaining)
+        headers["x-ratelimit-reset-requests"] = format_reset(window.reset)
+    window = decision.tokens
+    if window is not None:
+        headers["x-ratelimit-limit-tokens"] = str(window.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(window.remaining)
+        headers["x-ratelimit-reset-tokens"] = format_reset(window.reset)
     return headers
 
 
@@ -451,7 +465,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
         if not decision.allowed:
             ex.log["rate_limited"] = decision.exceeded[0]  # the metric's label
             raise _refusal(ex, key, quota, cost, decision)
-        ex.response_headers.update(_headers(decision))
+        _headers(decision, ex.response_headers)
         meter: Meter | None = None
         if est is not None and ex.body is not None:
             hide = False

@@ -68,14 +68,22 @@ class Step:
 
 def gcra(tat: float, now: float, limit: int, cost: int, period: float = PERIOD) -> Step:
     """Check (and, when admitted, spend) `cost` units of a `limit`-per-`period` bucket."""
+    return Step(*gcra_fields(tat, now, limit, cost, period))
+
+
+def gcra_fields(
+    tat: float, now: float, limit: int, cost: int, period: float = PERIOD
+) -> tuple[bool, float, int, float, float]:
+    """`gcra` as a plain tuple (allowed, tat, remaining, reset, retry_after), for the
+    in-process limiter, which reads the fields without keeping them."""
     interval = period / limit
-    base = max(tat, now)
+    base = tat if tat > now else now
     new = base + cost * interval
     if new - now <= period + _EPS:
-        remaining = max(0, math.floor((period - (new - now)) / interval + _EPS))
-        return Step(True, new, remaining, new - now, 0.0)
-    remaining = max(0, math.floor((period - (base - now)) / interval + _EPS))
-    return Step(False, tat, remaining, base - now, new - now - period)
+        remaining = math.floor((period - (new - now)) / interval + _EPS)
+        return True, new, remaining if remaining > 0 else 0, new - now, 0.0
+    remaining = math.floor((period - (base - now)) / interval + _EPS)
+    return False, tat, remaining if remaining > 0 else 0, base - now, new - now - period
 
 
 def settle(tat: float, now: float, limit: int, delta: int, period: float = PERIOD) -> float:

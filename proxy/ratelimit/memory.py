@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from proxy.ratelimit.algorithm import PERIOD, Decision, Quota, Window, gcra, settle
+from proxy.ratelimit.algorithm import PERIOD, Decision, Quota, Window, gcra_fields, settle
 
 _SWEEP_EVERY = 60.0  # seconds between drops of buckets that are full again
 
@@ -34,48 +34,47 @@ class MemoryLimiter:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        exceeded: list[str] = []
+        exceeded: tuple[str, ...] = ()
         retry = 0.0
         in_flight = self._in_flight.get(key, 0)
-        if quota.max_concurrent and in_flight >= quota.max_concurrent:
-            exceeded.append("concurrent")
+        max_concurrent = quota.max_concurrent
+        if max_concurrent and in_flight >= max_concurrent:
+            exceeded = ("concurrent",)
             retry = 1.0
+        rpm = quota.requests_per_minute
+        tpm = quota.tokens_per_minute
         req = tok = None
-        if quota.requests_per_minute:
-            req = gcra(
-                self._requests.get(key, 0.0), now, quota.requests_per_minute, 1, self._period
-            )
-            if not req.allowed:
-                exceeded.append("requests")
-                retry = max(retry, req.retry_after)
-        if quota.tokens_per_minute:
-            tok = gcra(self._tokens.get(key, 0.0), now, quota.tokens_per_minute, cost, self._period)
-            if not tok.allowed:
-                exceeded.append("tokens")
-                retry = max(retry, tok.retry_after)
-        allowed = not exceeded
+        requests = tokens = None
+        if rpm:
+            req = gcra_fields(self._requests.get(key, 0.0), now, rpm, 1, self._period)
+            requests = Window(rpm, req[2], req[3])
+            if not req[0]:
+                exceeded += ("requests",)
+                retry = max(retry, req[4])
+        if tpm:
+            tok = gcra_fields(self._tokens.get(key, 0.0), now, tpm, cost, self._period)
+            tokens = Window(tpm, tok[2], tok[3])
+            if not tok[0]:
+                exceeded += ("tokens",)
+                retry = max(retry, tok[4])
         lease = None
-        if allowed:
+        if not exceeded:
             if req is not None:
-                self._requests[key] = req.tat
+                self._requests[key] = req[1]
             if tok is not None:
-                self._tokens[key] = tok.tat
-            if quota.max_concurrent:
+                self._tokens[key] = tok[1]
+            if max_concurrent:
                 in_flight += 1
                 self._in_flight[key] = in_flight
                 lease = "held"
         return Decision(
-            allowed=allowed,
-            requests=Window(quota.requests_per_minute, req.remaining, req.reset)
-            if req and quota.requests_per_minute
-            else None,
-            tokens=Window(quota.tokens_per_minute, tok.remaining, tok.reset)
-            if tok and quota.tokens_per_minute
-            else None,
-            exceeded=tuple(exceeded),
-            retry_after=retry,
-            lease=lease,
-            in_flight=in_flight,
+            not exceeded,
+            requests,
+            tokens,
+            exceeded,
+            retry,
+            lease,
+            in_flight,
         )
 
     async def settle(self, key: str, quota: Quota, lease: str | None, token_delta: int) -> None:
