@@ -44,6 +44,7 @@ class ValidateOptions(Model):
 MAX_SAFE_INT = 2**53 - 1
 INT64 = (-(2**63), 2**63 - 1)
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_TEXT_ROLES = ("user", "system", "assistant", "developer")
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_STOP = 4
 
@@ -150,14 +151,42 @@ def array(param: str, value: Any) -> list[Any]:
 _finite_json = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
 
 
+def _all_finite(value: Any) -> bool | None:
+    """True when a JSON tree holds no NaN and no infinity, False when it does; None
+    when it holds something other than dicts, lists, strings, numbers, booleans and
+    None (left to the encoder, which judges those)."""
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is str:
+            continue
+        if kind is dict:
+            push(node.values())
+        elif kind is list:
+            push(node)
+        elif kind is float:
+            if node - node != 0.0:  # NaN or an infinity
+                return False
+        elif kind is not int and kind is not bool and node is not None:
+            return None
+    return True
+
+
 def first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
     """The path of the first NaN or Infinity in a JSON tree (Python's parser takes
     them; no backend should receive them)."""
-    try:
-        _finite_json(value)  # the fast path: C speed, no paths built
+    finite = _all_finite(value)  # the fast path: no paths built
+    if finite:
         return None
-    except ValueError:
-        pass
+    if finite is None:
+        try:
+            _finite_json(value)
+            return None
+        except ValueError:
+            pass
     stack: list[tuple[str, Any]] = [(path, value)]
     while stack:
         where, node = stack.pop()
@@ -178,6 +207,8 @@ def first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
 class Request:
     """One chat request under validation: the body and the options."""
 
+    __slots__ = ("body", "options")
+
     def __init__(self, body: dict[str, Any], options: ValidateOptions) -> None:
         self.body = body
         self.options = options
@@ -196,6 +227,17 @@ def check_messages(param: str, value: Any, req: Request) -> None:
             code="too_many_messages",
         )
     for i, message in enumerate(messages):
+        # the usual message: a role other than tool, text content, no name, and for
+        # the assistant no tool calls; all of which check_message accepts
+        if type(message) is dict:
+            role = message.get("role")
+            if (
+                type(message.get("content")) is str
+                and role in _TEXT_ROLES
+                and message.get("name") is None
+                and (role != "assistant" or message.get("tool_calls") is None)
+            ):
+                continue
         check_message(f"{param}[{i}]", message)
 
 
@@ -444,27 +486,48 @@ def _n(param: str, value: Any, req: Request) -> None:
     integer(param, value, 1, req.options.max_n)
 
 
-def _simple(check: Callable[[str, Any], Any]) -> Checker:
+def _simple(check: Callable[[str, Any], Any], kind: type | None = None) -> Checker:
+    """`check` as a rule; a value of exactly type `kind`, which `check` accepts,
+    skips the call."""
+    if kind is None:
+
+        def run(param: str, value: Any, req: Request) -> None:
+            check(param, value)
+
+        return run
+
+    def run_kind(param: str, value: Any, req: Request) -> None:
+        if type(value) is not kind:
+            check(param, value)
+
+    return run_kind
+
+
+def _range(lo: float, hi: float) -> Checker:
     def run(param: str, value: Any, req: Request) -> None:
-        check(param, value)
+        kind = type(value)
+        if (kind is float or kind is int) and lo <= value <= hi:
+            return
+        number(param, value, lo, hi)
 
     return run
 
 
-def _range(lo: float, hi: float) -> Checker:
-    return lambda param, value, req: number(param, value, lo, hi)
-
-
 def _int(lo: int, hi: int = MAX_SAFE_INT) -> Checker:
-    return lambda param, value, req: integer(param, value, lo, hi)
+    def run(param: str, value: Any, req: Request) -> None:
+        if type(value) is int and lo <= value <= hi:
+            return
+        integer(param, value, lo, hi)
+
+    return run
 
 
 # Every top-level parameter of the Chat Completions API (the seed's table and the
 # OpenAI fields clients send), with its check; a null value is not checked.
 RULES: dict[str, Checker] = {
     "messages": check_messages,
-    "model": _simple(string),
-    "stream": _simple(boolean),
+    "model": _simple(string, str),
+    "stream": _simple(boolean, bool),
     "temperature": _range(0, 2),
     "max_tokens": _int(1),
     "max_completion_tokens": _int(1),
@@ -475,29 +538,29 @@ RULES: dict[str, Checker] = {
     "n": _n,
     "tools": check_tools,
     "tool_choice": check_tool_choice,
-    "parallel_tool_calls": _simple(boolean),
+    "parallel_tool_calls": _simple(boolean, bool),
     "stream_options": check_stream_options,
     "elevenlabs_extra_body": check_elevenlabs,
-    "user": _simple(string),
-    "user_id": _simple(string),
+    "user": _simple(string, str),
+    "user_id": _simple(string, str),
     "seed": _int(*INT64),
     "response_format": check_response_format,
-    "logprobs": _simple(boolean),
+    "logprobs": _simple(boolean, bool),
     "top_logprobs": check_top_logprobs,
     "logit_bias": check_logit_bias,
     "functions": check_functions,
     "function_call": check_function_call,
-    "store": _simple(boolean),
-    "metadata": _simple(obj),
+    "store": _simple(boolean, bool),
+    "metadata": _simple(obj, dict),
     "modalities": check_strings,
-    "audio": _simple(obj),
-    "prediction": _simple(obj),
-    "web_search_options": _simple(obj),
-    "reasoning_effort": _simple(string),
-    "service_tier": _simple(string),
-    "verbosity": _simple(string),
-    "prompt_cache_key": _simple(string),
-    "safety_identifier": _simple(string),
+    "audio": _simple(obj, dict),
+    "prediction": _simple(obj, dict),
+    "web_search_options": _simple(obj, dict),
+    "reasoning_effort": _simple(string, str),
+    "service_tier": _simple(string, str),
+    "verbosity": _simple(string, str),
+    "prompt_cache_key": _simple(string, str),
+    "safety_identifier": _simple(string, str),
 }
 
 
@@ -516,13 +579,11 @@ def validate_body(body: dict[str, Any], options: ValidateOptions) -> list[str]:
         )
     req = Request(body, options)
     unknown: list[str] = []
-    # tool_choice names a declared tool: check it once `tools` is known to be valid
-    names = [name for name in body if name != "tool_choice"]
-    if "tool_choice" in body:
-        names.append("tool_choice")
-    for name in names:
-        value = body[name]
-        rule = RULES.get(name)
+    rules = RULES
+    for name, value in body.items():
+        if name == "tool_choice":
+            continue  # names a declared tool: checked once `tools` is known to be valid
+        rule = rules.get(name)
         if rule is None:
             if options.extra_params == "reject":
                 raise ProxyError(
@@ -534,6 +595,10 @@ def validate_body(body: dict[str, Any], options: ValidateOptions) -> list[str]:
             unknown.append(name)
         elif value is not None:
             rule(name, value, req)
+    if "tool_choice" in body:
+        value = body["tool_choice"]
+        if value is not None:
+            rules["tool_choice"]("tool_choice", value, req)
     return unknown
 
 
