@@ -26,6 +26,14 @@ SSE_HEADERS = {
 }
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
+# the largest event a parsed stream holds while waiting for its end (a backend that
+# never ends a line would otherwise grow the buffer without bound)
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class EventTooLarge(Exception):
+    """A backend event grew past MAX_EVENT_BYTES without ending."""
+
 
 async def _finish(ex: Exchange) -> None:
     for callback in ex.on_complete:
@@ -100,6 +108,10 @@ class _Transformer:
         self.transforms.extend(reversed(ex.event_transforms))
         self.acc = Accumulator() if ex.on_complete else None
         self.pending = sse.START
+        # reads inside one unfinished line, joined once its end comes (not re-parsed
+        # read after read)
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     def _through(self, events: list[sse.Event], start: int = 0) -> list[sse.Event]:
         for t in self.transforms[start:]:
@@ -129,13 +141,29 @@ class _Transformer:
                     self.acc.usage = usage
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.pending.buf and b"\n" not in chunk and b"\r" not in chunk:
+            self._held.append(chunk)
+            self._held_size += len(chunk)
+            if len(self.pending.buf) + self._held_size > MAX_EVENT_BYTES:
+                raise EventTooLarge()
+            return b""
+        if self._held:
+            chunk = b"".join([*self._held, chunk])
+            self._held.clear()
+            self._held_size = 0
         events, self.pending = sse.parse(self.pending, chunk)
+        if len(self.pending.buf) > MAX_EVENT_BYTES:
+            raise EventTooLarge()
         if not events:
             return b""
         self._usage(events)
         return self._emit(self._through(events))
 
     def end(self) -> bytes:
+        if self._held:
+            held = b"".join(self._held)
+            self._held.clear()
+            self.pending = sse.Pending(self.pending.buf + held, self.pending.after_cr)
         events = sse.flush(self.pending)
         self.pending = sse.START
         self._usage(events)
@@ -218,6 +246,18 @@ async def _pump(
             out,
             ProxyError(
                 504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"
+            ),
+        )
+        resp.close()
+        return out
+    except EventTooLarge:
+        ex.error = "upstream_event_too_large"
+        await _stream_error(
+            out,
+            ProxyError(
+                502,
+                f"The backend sent an event larger than {MAX_EVENT_BYTES // 1048576} MiB.",
+                code="upstream_bad_response",
             ),
         )
         resp.close()

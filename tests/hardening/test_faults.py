@@ -353,6 +353,36 @@ async def test_malformed_json_answers(chained: Client, backend: Backend, name: s
     await assert_nothing_left(chained, before)
 
 
+async def test_an_endless_line_is_cut_at_16_mib(chained: Client, backend: Backend) -> None:
+    """A backend that never ends its line: the parsed relay holds at most 16 MiB of
+    it, then ends the stream with an error event and closes the backend connection."""
+    before = await baseline(chained)
+    piece = b"x" * 65536
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = sse_start(request)
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"delta": {"content": "')
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            while sent < 64 * 1024 * 1024:  # bounded: stops by itself
+                await resp.write(piece)
+                sent += len(piece)
+        return resp
+
+    backend.chat(endless)
+    resp = await chained.post("/v1/chat/completions", json=body(stream=True), headers=AUTH)
+    assert resp.status == 200
+    raw = await resp.read()
+    assert_no_traceback(raw)
+    got = events(raw)
+    assert got[-1]["error"]["code"] == "upstream_bad_response"
+    assert "larger than 16 MiB" in got[-1]["error"]["message"]
+    assert 16 * 1024 * 1024 <= sent < 64 * 1024 * 1024
+    await assert_nothing_left(chained, before)
+
+
 async def test_a_10_mb_event(chained: Client, backend: Backend) -> None:
     before = await baseline(chained)
     text = "0123456789abcdef" * (10 * 1024 * 1024 // 16)
