@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast, metrics, upstream
+from proxy import jsonfast, memory, metrics, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, not_found
@@ -340,7 +340,9 @@ def build_app(config: LoadedConfig) -> web.Application:
         rt = await build_runtime(config, store)
         app[STATE] = State(runtime=rt)
         await start_runtime(rt)
+        trimmer = memory.start(config.server.trim_memory_seconds)
         yield
+        await memory.stop(trimmer)
         await stop_runtime(app[STATE].runtime)
         if store is not None:
             await store.close()

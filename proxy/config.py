@@ -52,6 +52,8 @@ class ServerConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: uvloop where it is installed (it is a dependency on Linux and macOS)
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # hand glibc's free memory back to the system this often (0: never)
+    trim_memory_seconds: float = Field(60, ge=0)
 
     @field_validator("event_loop")
     @classmethod
