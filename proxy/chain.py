@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import LoadedConfig, MiddlewareEntry, validation_errors
@@ -160,8 +161,10 @@ def compose(middlewares: list[tuple[str, Middleware]], terminal: Handler) -> Han
 
 
 def _bind(mw: Middleware, nxt: Handler) -> Handler:
-    async def call(ex: Exchange) -> Any:
-        return await mw(ex, nxt)
+    # a plain function handing back the middleware's own awaitable: no coroutine of
+    # its own to create and step through for each middleware of each request
+    def call(ex: Exchange) -> Awaitable[web.StreamResponse]:
+        return mw(ex, nxt)
 
     return call
 

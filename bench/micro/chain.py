@@ -3,6 +3,7 @@
     .venv/bin/python bench/micro/chain.py            # about 5 s
     .venv/bin/python bench/micro/chain.py -n 4000 --rounds 5
     .venv/bin/python bench/micro/chain.py --profile session   # cProfile of one row
+    .venv/bin/python bench/micro/chain.py --rate 2500 --cpu 1  # the benchmark's pace, one CPU
 
 The chain is built from bench/configs/full.yaml exactly as the server builds it (the
 SQLite store in a temporary directory, the start-up hooks run: the in-process rate
@@ -138,9 +139,12 @@ class Row:
         self.threads: list[float] = []
 
 
-async def run_requests(row: Row, request: web.Request, n: int, writers: list[Any]) -> None:
+async def run_requests(
+    row: Row, request: web.Request, n: int, writers: list[Any], rate: float = 0.0
+) -> None:
     handler = row.handler
     preset = row.identity
+    start = time.perf_counter()
     for i in range(n):
         ex = Exchange(request=request, route="chat", scope="chat", request_id=f"req_bench{i}")
         ex.response_headers["X-Request-Id"] = ex.request_id
@@ -155,13 +159,16 @@ async def run_requests(row: Row, request: web.Request, n: int, writers: list[Any
         ex.status = ex.status or response.status
         metrics.observe(ex)
         # what a server does between requests: the loop runs other tasks (the session
-        # writer among them)
-        await asyncio.sleep(0)
+        # writer among them); paced, it waits for the next request's time
+        wait = (start + (i + 1) / rate - time.perf_counter()) if rate else 0.0
+        await asyncio.sleep(wait if wait > 0 else 0)
     for writer in writers:
         await writer.flush(10.0)
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # before any thread starts: they inherit it
     tmp = tempfile.TemporaryDirectory(prefix="chain-bench-")
     env = dict(os.environ)
     env.update(
@@ -227,7 +234,7 @@ async def main(args: argparse.Namespace) -> None:
         row = next(r for r in rows if r.name == args.profile)
         prof = cProfile.Profile()
         prof.enable()
-        await run_requests(row, request, args.n, writers)
+        await run_requests(row, request, args.n, writers, args.rate)
         prof.disable()
         stats = pstats.Stats(prof)
         stats.sort_stats(args.sort).print_stats(args.top)
@@ -235,7 +242,7 @@ async def main(args: argparse.Namespace) -> None:
         for r in range(args.rounds):
             for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
                 t0, c0 = time.process_time(), time.thread_time()
-                await run_requests(row, request, args.n, writers)
+                await run_requests(row, request, args.n, writers, args.rate)
                 t1, c1 = time.process_time(), time.thread_time()
                 row.total.append((t1 - t0) / args.n * 1e6)
                 row.threads.append(((t1 - t0) - (c1 - c0)) / args.n * 1e6)
@@ -269,6 +276,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("-n", type=int, default=500, help="requests per run (default 500)")
     p.add_argument("--rounds", type=int, default=9, help="runs of each row (default 9)")
     p.add_argument("--only", help="comma-separated rows (empty,auth,...,full)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second to pace to (default: as fast as they go); the session "
+        "writer's batches are as large as the turns of a few milliseconds, so a rate like "
+        "the benchmark's gives its batch sizes",
+    )
+    p.add_argument(
+        "--cpu",
+        type=int,
+        help="run on this CPU only, writer thread included, as the benchmark does",
+    )
     p.add_argument("--profile", metavar="ROW", help="cProfile one run of this row instead")
     p.add_argument("--sort", default="tottime", help="cProfile sort key (default tottime)")
     p.add_argument("--top", type=int, default=30, help="cProfile lines shown (default 30)")
