@@ -3,18 +3,20 @@
     .venv/bin/python bench/micro/chain.py            # about 5 s
     .venv/bin/python bench/micro/chain.py -n 4000 --rounds 5
     .venv/bin/python bench/micro/chain.py --profile session   # cProfile of one row
-    .venv/bin/python bench/micro/chain.py --rate 2500 --cpu 1  # the benchmark's pace, one CPU
+    .venv/bin/python bench/micro/chain.py --rate 2500        # the benchmark's pace (c=64)
 
 The chain is built from bench/configs/full.yaml exactly as the server builds it (the
-SQLite store in a temporary directory, the start-up hooks run: the in-process rate
-limiter, the session writer). No socket is opened: each request is a mocked aiohttp
-request carrying the benchmark's body (system + user message, max_tokens 64,
+SQLite store in a temporary directory, in /dev/shm unless --dir says otherwise; the
+start-up hooks run: the in-process rate limiter, the session writer). No socket is
+opened: each request is a mocked aiohttp request carrying the benchmark's body (system + user message, max_tokens 64,
 temperature 0.7, bench/bench.py `request_body`), taken through what `entry` in
 proxy/app.py does around the chain (an Exchange, the JSON body parsed, the metrics
 observed at the end) to a terminal handler that stands in for the backend: it
 serialises the body as the upstream handler would, answers the canned non-streamed
 completion of the benchmark backend, parses it and runs the body transforms and the
 completion callbacks when a middleware asked for them, as proxy/relay.py does.
+
+The process runs on one CPU, as the benchmark pins the proxy (--cpu).
 
 Rows: `empty` (no middleware), each middleware alone (those after auth get the
 identity auth would have set, so that they take the same path as in the chain), and
@@ -167,9 +169,9 @@ async def run_requests(
 
 
 async def main(args: argparse.Namespace) -> None:
-    if args.cpu is not None:
+    if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})  # before any thread starts: they inherit it
-    tmp = tempfile.TemporaryDirectory(prefix="chain-bench-")
+    tmp = tempfile.TemporaryDirectory(prefix="chain-bench-", dir=args.dir)
     env = dict(os.environ)
     env.update(
         BENCH_PORT="18080",
@@ -285,9 +287,18 @@ def parse_args() -> argparse.Namespace:
         "the benchmark's gives its batch sizes",
     )
     p.add_argument(
+        "--dir",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="where the SQLite file goes (default /dev/shm: memory, so that the disk's "
+        "own delays, which vary from run to run, stay out of the figures)",
+    )
+    p.add_argument(
         "--cpu",
         type=int,
-        help="run on this CPU only, writer thread included, as the benchmark does",
+        default=max(os.sched_getaffinity(0)),
+        help="the CPU to run on, writer thread included (default the last one, where the "
+        "benchmark pins the proxy; -1: any). Left free to use two CPUs, the writer thread's "
+        "work costs about twice as much, in cache misses and wake-ups",
     )
     p.add_argument("--profile", metavar="ROW", help="cProfile one run of this row instead")
     p.add_argument("--sort", default="tottime", help="cProfile sort key (default tottime)")
