@@ -59,6 +59,7 @@ from proxy.errors import bad_request
 from proxy.exchange import Exchange, Handler, Middleware
 from proxy.jsonfast import copy_tree
 from proxy.store import MemoryStore, SessionStore, TurnRecord
+from proxy.store.base import json_text
 
 log = logging.getLogger("chat_proxy.session")
 
@@ -531,17 +532,18 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
             usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
             at = clock()
             model = doc.get("model") if isinstance(doc.get("model"), str) else ex.model
-            turn_messages: list[Any] = _copy(fresh)
-            first_messages: list[Any] | None = _copy(opening) if opening is not None else None
+            # the request's own messages: the turn's JSON text below is their snapshot
+            turn_messages: list[Any] = fresh
+            first_messages: list[Any] | None = opening
             response: dict[str, Any] = {
                 "role": "assistant",
                 "content": reply.get("content"),
                 "tool_calls": reply.get("tool_calls") or None,
             }
             if not options.store_content:
-                turn_messages = [redact_message(m) for m in turn_messages]
+                turn_messages = [redact_message(m) for m in _copy(turn_messages)]
                 if first_messages is not None:
-                    first_messages = [redact_message(m) for m in first_messages]
+                    first_messages = [redact_message(m) for m in _copy(first_messages)]
                 response = {
                     "role": "assistant",
                     "content": None,
@@ -556,6 +558,18 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
                 "usage": usage,
                 "latency_ms": round(ex.elapsed_ms()),
             }
+            text = json_text(turn)
+            first_text = None
+            if text is not None and first_messages is not None:
+                first_text = json_text({**turn, "messages": first_messages})
+            if text is None or (first_messages is not None and first_text is None):
+                # values only the standard encoder writes faithfully: the store writes
+                # them from a copy
+                text = first_text = None
+                if options.store_content:
+                    turn["messages"] = _copy(turn_messages)
+                    if first_messages is not None:
+                        first_messages = _copy(first_messages)
             writer.submit(
                 TurnRecord(
                     owner=owner,
@@ -571,6 +585,8 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
                     total_tokens=_int(usage.get("total_tokens")) if usage else 0,
                     digests=record_digests(owner, convo, replies),
                     digest_ttl=retention,
+                    text=text,
+                    first_text=first_text,
                 )
             )
 

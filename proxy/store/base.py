@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 
 class UnknownCursor(LookupError):
     """`after` names a session the owner does not have."""
@@ -58,11 +60,60 @@ class TurnRecord:
     digests: tuple[str, ...] = ()
     # how long an index entry is worth keeping (Redis expires it; None: forever)
     digest_ttl: float | None = None
+    # the turn and the opening turn as JSON text, when the caller wrote them already
+    # (the session middleware takes its snapshot of the request that way): a store
+    # keeps this text, or what it reads back, rather than `turn`, which may then share
+    # objects with the request
+    text: str | None = None
+    first_text: str | None = None
 
     def first_turn(self) -> dict[str, Any]:
         if self.opening is None:
             return self.turn
         return {**self.turn, "messages": self.opening}
+
+    def first_turn_text(self) -> str | None:
+        """`text` of `first_turn()`."""
+        return self.text if self.opening is None else self.first_text
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def plain_json(value: Any) -> bool:
+    """Whether a tree holds only dicts, lists, strings, integers, booleans, None and
+    finite floats: what orjson writes as the standard encoder does (it writes NaN as
+    null, and objects the standard encoder refuses, such as datetimes, as it likes)."""
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is str:
+            continue
+        if kind is dict:
+            push(node.values())
+        elif kind is list:
+            push(node)
+        elif kind is float:
+            if node - node != 0.0:  # NaN or an infinity
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
+def json_text(value: Any) -> str | None:
+    """orjson's compact text of a plain JSON tree, which reads back as the standard
+    encoder's would; None for any other value (NaN, an integer beyond 64 bits, a lone
+    surrogate, a key that is not a string, an object that is not JSON)."""
+    if plain_json(value):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError:
+            pass
+    return None
 
 
 @dataclass(slots=True)

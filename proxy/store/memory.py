@@ -7,6 +7,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
+from proxy import jsonfast
 from proxy.jsonfast import copy_tree
 from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
 
@@ -44,8 +45,10 @@ class MemoryStore:
                 )
                 self._sessions[key] = session
                 turn = rec.first_turn()
+                text = rec.first_turn_text()
             else:
                 turn = rec.turn
+                text = rec.text
             session.updated = max(session.updated, rec.at)
             session.source = rec.source
             if rec.model:
@@ -55,7 +58,7 @@ class MemoryStore:
             session.completion_tokens += rec.completion_tokens
             session.total_tokens += rec.total_tokens
             assert session.turns is not None
-            session.turns.append(_copy(turn))
+            session.turns.append(jsonfast.loads(text) if text is not None else _copy(turn))
             for digest in rec.digests:
                 self._index[(rec.owner, digest)] = rec.session_id
                 self._digests.setdefault(key, set()).add(digest)

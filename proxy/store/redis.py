@@ -129,12 +129,15 @@ class RedisStore:
         async with self._r.pipeline(transaction=False) as pipe:
             for rec in records:
                 o = _owner_key(rec.owner)
-                turn = json.dumps(rec.turn, ensure_ascii=False)
-                first = (
-                    turn
-                    if rec.opening is None
-                    else json.dumps(rec.first_turn(), ensure_ascii=False)
+                turn = (
+                    rec.text if rec.text is not None else json.dumps(rec.turn, ensure_ascii=False)
                 )
+                if rec.opening is None:
+                    first = turn
+                elif rec.first_text is not None:
+                    first = rec.first_text
+                else:
+                    first = json.dumps(rec.first_turn(), ensure_ascii=False)
                 ttl = max(1, int(rec.digest_ttl)) if rec.digest_ttl else 0
                 args: list[Any] = [
                     rec.session_id,

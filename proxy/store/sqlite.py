@@ -17,9 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
+from proxy.store.base import Page, Session, TurnRecord, UnknownCursor, json_text
 
 T = TypeVar("T")
 
@@ -88,42 +86,13 @@ _INDEX_DIGEST = (
 )
 # json.dumps(value, ensure_ascii=False), without building an encoder per call
 _encode = json.JSONEncoder(ensure_ascii=False).encode
-_SCALARS = (str, int, bool, type(None))
-
-
-def _plain(value: Any) -> bool:
-    """Whether a tree holds only dicts, lists, strings, integers, booleans, None and
-    finite floats: what orjson writes as the standard encoder does (it writes NaN as
-    null, and objects the standard encoder refuses, such as datetimes, as it likes)."""
-    stack = [value]
-    pop = stack.pop
-    push = stack.extend
-    while stack:
-        node = pop()
-        kind = type(node)
-        if kind is str:
-            continue
-        if kind is dict:
-            push(node.values())
-        elif kind is list:
-            push(node)
-        elif kind is float:
-            if node - node != 0.0:  # NaN or an infinity
-                return False
-        elif kind not in _SCALARS:
-            return False
-    return True
 
 
 def _dumps(value: Any) -> str:
     """The JSON text of a turn: orjson's where it writes the same value (compact, so the
     text differs in spacing only), the standard encoder's otherwise."""
-    if _plain(value):
-        try:
-            return orjson.dumps(value).decode()
-        except TypeError:  # an integer beyond 64 bits, a lone surrogate, a key not a string
-            pass
-    return _encode(value)
+    text = json_text(value)
+    return text if text is not None else _encode(value)
 
 
 def _session(row: Sequence[Any]) -> Session:
@@ -261,8 +230,11 @@ class SQLiteStore:
         later: dict[tuple[str, str], int] = {}  # turns of a session further on
         for rec in reversed(records):
             owner, sid = rec.owner, rec.session_id
-            turn = _dumps(rec.turn)
-            first = turn if rec.opening is None else _dumps(rec.first_turn())
+            turn = rec.text if rec.text is not None else _dumps(rec.turn)
+            if rec.opening is None:
+                first = turn
+            else:
+                first = rec.first_text if rec.first_text is not None else _dumps(rec.first_turn())
             after = later.get((owner, sid), 0)
             later[(owner, sid)] = after + 1
             turns.append((after, first, turn, owner, sid))
