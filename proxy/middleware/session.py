@@ -166,7 +166,17 @@ def _message_key(message: dict[str, Any]) -> bytes:
     list. A normalised message holds strings and lists only, which orjson writes byte
     for byte as the standard encoder does (compact, no ASCII escaping), except a lone
     surrogate, which it refuses."""
-    normal = normalise(message)
+    content = message.get("content")
+    if (
+        type(content) is str
+        and message.get("tool_calls") is None
+        and message.get("function_call") is None
+    ):
+        # the usual message, text without tool calls: `normalise` without its walk
+        role = message.get("role")
+        normal = [role if type(role) is str else str(role or ""), " ".join(content.split()), []]
+    else:
+        normal = normalise(message)
     try:
         return orjson.dumps(normal)
     except TypeError:
