@@ -1035,16 +1035,19 @@ def checks(
 
     bare64 = g(T, "bare_relay", "json_c64", "rps")
     bare_cpu = g(T, "bare_relay", "json_c64", "cpu_us_per_request")
+    uv64 = g(T, "bare_relay uvloop", "json_c64", "rps")
     for name, limit in (("full", 0.5), ("empty", 0.9)):
         cpu = g(T, f"chat-proxy {name}", "json_c64", "cpu_us_per_request")
+        rps = g(T, f"chat-proxy {name}", "json_c64", "rps")
         add(
             f"{name} chain / bare relay, req/s at c=64",
-            ratio(g(T, f"chat-proxy {name}", "json_c64", "rps"), bare64),
+            ratio(rps, bare64),
             ">=",
             limit,
             "x",
             f"by CPU time per request: {fmt(ratio(bare_cpu, cpu), 2)} x "
-            f"({fmt(cpu, 0)} vs {fmt(bare_cpu, 0)} µs)",
+            f"({fmt(cpu, 0)} vs {fmt(bare_cpu, 0)} µs)"
+            + (f"; vs the bare relay on uvloop: {fmt(ratio(rps, uv64), 2)} x" if uv64 else ""),
         )
     b50 = g(T, "backend", "json_c1", "latency_ms", "50")
     for name in ("chat-proxy empty", "chat-proxy full"):
