@@ -61,6 +61,7 @@ def _make_counter() -> Counter:
 
 
 REWRITTEN: Counter = _make_counter()
+_REWRITTEN_BY_TOOL: dict[str, Any] = {}  # the counter's child per tool (the rules' tools)
 
 _ALNUM = string.ascii_letters + string.digits
 _NATIVE_FINISH = ("tool_calls", "function_call")
@@ -243,7 +244,10 @@ class Matcher:
     def record(self, tool: str) -> None:
         counts: dict[str, int] = self.ex.log.setdefault("tool_calls_rewritten", {})
         counts[tool] = counts.get(tool, 0) + 1
-        REWRITTEN.labels(tool=tool).inc()
+        child = _REWRITTEN_BY_TOOL.get(tool)
+        if child is None:
+            child = _REWRITTEN_BY_TOOL[tool] = REWRITTEN.labels(tool=tool)
+        child.inc()
 
 
 def _text(content: Any) -> str:
