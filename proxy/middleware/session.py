@@ -481,7 +481,9 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
         if queued is not None:
             return queued
         try:
-            return await asyncio.wait_for(store.find_session(owner, d), LOOKUP_TIMEOUT)
+            # a deadline on this task rather than wait_for's task of its own
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                return await store.find_session(owner, d)
         except Exception as exc:
             log.warning("session lookup failed, starting a new session: %s", exc)
             return None

@@ -1,11 +1,14 @@
 """What the session middleware records: the turn as the request and the response were
 when the response completed (later changes to them do not reach the store), and
 values that only the standard JSON encoder writes (NaN, integers beyond 64 bits) kept
-as they were, on every store that keeps sessions in this process or a file."""
+as they were, on every store that keeps sessions in this process or a file; and a
+continuation lookup that hangs or fails starts a new session."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from proxy.chain import BuildContext
 from proxy.config import StoreConfig
 from proxy.exchange import Exchange, Identity
 from proxy.middleware import session as session_mw
-from proxy.store import SessionStore, open_store
+from proxy.store import MemoryStore, SessionStore, open_store
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -139,3 +142,40 @@ async def test_an_opening_turn_with_odd_values_and_redaction(store: SessionStore
     assert turn["messages"] == [{"role": "user", "tool_call_id": "t2"}]
     assert turn["response"] == {"role": "assistant", "content": None, "tool_calls": None}
     assert "secret" not in orjson.dumps(turn).decode()
+
+
+class SlowStore(MemoryStore):
+    """A memory store whose continuation lookups hang, or fail."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__()
+        self.fail = fail
+        self.lookups = 0
+
+    async def find_session(self, owner: str, digest: str) -> str | None:
+        self.lookups += 1
+        if self.fail:
+            raise OSError("the store is gone")
+        await asyncio.sleep(30)
+        return "never"
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["slow", "failing"])
+async def test_a_lookup_that_hangs_or_fails_starts_a_new_session(
+    monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> None:
+    monkeypatch.setattr(session_mw, "LOOKUP_TIMEOUT", 0.05)
+    store = SlowStore(fail)
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
+    started = time.monotonic()
+    sid = await run_turn(store, history, {"role": "assistant", "content": "ok"})
+    assert time.monotonic() - started < 5
+    assert store.lookups == 1
+    assert sid.startswith("sess_")
+    (turn,) = await turns(store, sid)
+    # a new session's first turn holds the whole context it opened with
+    assert [m["content"] for m in turn["messages"]] == ["hi", "hello", "again"]
