@@ -61,6 +61,8 @@ SESSIONS = Counter("chat_proxy_sessions_created_total", "Sessions created, by so
 
 
 _CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+_TOKEN_CHILDREN: dict[str, tuple[Any, Any]] = {}
+_SESSION_CHILDREN: dict[str, Any] = {}
 
 
 def observe(ex: Exchange) -> None:
@@ -93,13 +95,23 @@ def observe(ex: Exchange) -> None:
     completion = ex.completion
     usage = completion.get("usage") if isinstance(completion, dict) else None
     if isinstance(usage, dict):
-        for kind in ("prompt_tokens", "completion_tokens"):
-            value = usage.get(kind)
-            if isinstance(value, int) and value > 0:
-                TOKENS.labels(kind.removesuffix("_tokens"), model).inc(value)
+        tokens = _TOKEN_CHILDREN.get(model)
+        if tokens is None:
+            tokens = (TOKENS.labels("prompt", model), TOKENS.labels("completion", model))
+            if len(_TOKEN_CHILDREN) < 10000:
+                _TOKEN_CHILDREN[model] = tokens
+        prompt = usage.get("prompt_tokens")
+        if isinstance(prompt, int) and prompt > 0:
+            tokens[0].inc(prompt)
+        done = usage.get("completion_tokens")
+        if isinstance(done, int) and done > 0:
+            tokens[1].inc(done)
     source = ex.log.get("session_source")
     if source in ("elevenlabs", "header", "new"):
-        SESSIONS.labels(source).inc()
+        counter = _SESSION_CHILDREN.get(source)
+        if counter is None:
+            counter = _SESSION_CHILDREN[source] = SESSIONS.labels(source)
+        counter.inc()
 
 
 async def handle(request: web.Request) -> web.Response:
