@@ -26,26 +26,6 @@ __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
 
 log = logging.getLogger("chat_proxy.upstream")
 
-# request headers never forwarded: hop-by-hop ones, the client's credentials, and
-# those the proxy sets itself
-_DROP_REQUEST = {
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "authorization",
-    "x-api-key",
-    "accept-encoding",
-    "cookie",
-    "expect",
-    "x-request-id",
-}
-
 
 class Failure(Exception):
     """An attempt that failed before the first byte; `retryable` says whether another
@@ -76,20 +56,23 @@ def upstream_request_id(request_id: str) -> str:
 def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
     """The client's headers less those never forwarded and those the proxy sets."""
     extra = ex.upstream_headers
-    drop = ex.upstream_drop_headers
-    if extra or up.auth or ex.body is not None:
-        drop = drop | {k.lower() for k in extra}
-        if up.auth:
-            drop.add("authorization")
-        if ex.body is not None:
-            drop.add("content-type")
-    headers = [
-        (k, v)
-        for k, v in ex.request.headers.items()
-        if (lk := k.lower()) not in _DROP_REQUEST and lk not in drop
-    ]
+    # the fixed names never forwarded, with Content-Type when the proxy writes the
+    # body
+    drop = up.drop_headers[ex.body is not None]
+    more = ex.upstream_drop_headers
+    if extra:
+        more = more | {k.lower() for k in extra}
+    if more:
+        headers = [
+            (k, v)
+            for k, v in ex.request.headers.items()
+            if (lk := k.lower()) not in drop and lk not in more
+        ]
+    else:
+        headers = [(k, v) for k, v in ex.request.headers.items() if k.lower() not in drop]
     headers.append(("X-Request-Id", upstream_request_id(ex.request_id)))
-    headers.extend(extra.items())
+    if extra:
+        headers.extend(extra.items())
     headers.extend(up.auth)
     if ex.body is not None:
         headers.append(("Content-Type", "application/json"))
