@@ -76,9 +76,15 @@ async def relay(
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype
     out = web.Response(status=resp.status, body=body, headers=headers)
-    if ex.on_complete:
+    # sent now, so that what runs after (the middlewares' bookkeeping on the way
+    # back, metrics, the access line) does not delay the client
+    try:
         await out.prepare(ex.request)
         await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        ex.error = "client_disconnected"
+        return out
+    if ex.on_complete:
         await _finish(ex)
     return out
 
