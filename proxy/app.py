@@ -351,6 +351,8 @@ def build_app(config: LoadedConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handle)
+    for path in sorted(_CHAT_PATHS | _MODELS_PATHS):
+        app.router.add_route("*", path, entry)  # found by a lookup, not the pattern below
     app.router.add_route("*", r"/{tail:[\s\S]*}", entry)  # any path, newlines too
     return app
 
