@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -62,31 +63,41 @@ async def relay(
             502, "The backend closed the connection early.", code="upstream_reset"
         ) from None
     body = first + rest
-    if ex.needs_parse and ctype.startswith("application/json"):
-        try:
-            doc = jsonfast.loads(body)
-        except (ValueError, RecursionError):
-            doc = None
-        if isinstance(doc, dict):
+    parse = ex.needs_parse and ctype.startswith("application/json")
+    if parse and ex.body_transforms:
+        doc = _json_object(body)
+        if doc is not None:
             for transform in reversed(ex.body_transforms):
                 doc = transform(doc)
-            if ex.body_transforms:
-                body = jsonfast.dumps(doc)
+            body = jsonfast.dumps(doc)
             ex.completion = doc
+        parse = False
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype
     out = web.Response(status=resp.status, body=body, headers=headers)
-    # sent now, so that what runs after (the middlewares' bookkeeping on the way
-    # back, metrics, the access line) does not delay the client
+    # sent now, so that what runs after (parsing the answer for the bookkeeping, the
+    # middlewares' work on the way back, metrics, the access line) does not delay
+    # the client
+    gone = False
     try:
         await out.prepare(ex.request)
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         ex.error = "client_disconnected"
-        return out
-    if ex.on_complete:
+        gone = True
+    if parse:
+        ex.completion = _json_object(body)
+    if ex.on_complete and not gone:
         await _finish(ex)
     return out
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = jsonfast.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class ErrorNormaliser:
