@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 COLORS = {
     "backend": "#444444",
     "bare_relay": "#1f77b4",
+    "bare_relay uvloop": "#17becf",
     "nginx": "#2ca02c",
     "chat-proxy empty": "#ff7f0e",
     "chat-proxy full": "#d62728",
