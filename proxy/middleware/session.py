@@ -285,6 +285,7 @@ class Writer:
         # digests of queued turns: (owner, digest) -> (session id, write number)
         self.pending: dict[tuple[str, str], tuple[str, int]] = {}
         self._seq = 0
+        self.token = "w:" + os.urandom(6).hex()  # this writer, in the stores' guards
         self._batch: list[tuple[int, TurnRecord]] = []  # the batch new turns join
         self._waiting = 0  # turns submitted and not yet taken by the writer
         self._task: asyncio.Task[None] | None = None
@@ -295,6 +296,8 @@ class Writer:
             return
         self._seq += 1
         seq = self._seq
+        rec.writer = self.token
+        rec.seq = seq
         if rec.digests:
             entry = (rec.session_id, seq)
             owner = rec.owner

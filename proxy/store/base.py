@@ -66,6 +66,12 @@ class TurnRecord:
     # objects with the request
     text: str | None = None
     first_text: str | None = None
+    # who wrote the turn and its number in that writer's order: a store that cannot
+    # write a batch atomically (Redis) records the last number per writer in the
+    # session and skips a turn it already holds, so that a batch retried after a
+    # failure half-way never duplicates a turn ("": no such guard)
+    writer: str = ""
+    seq: int = 0
 
     def first_turn(self) -> dict[str, Any]:
         if self.opening is None:

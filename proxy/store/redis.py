@@ -36,8 +36,15 @@ return false
 # KEYS: session, turns, digests, owner's sessions, all sessions
 # ARGV: 1 id, 2 at, 3 source, 4 key_id, 5 model, 6-8 usage, 9 turn, 10 first turn,
 #       11 member of all sessions, 12 history key prefix, 13 ttl seconds (0: none),
-#       14.. digests
+#       14 writer field ('' for none), 15 the turn's number in that writer's order,
+#       16.. digests
+# A turn whose number is not above the last one its writer recorded in the session
+# is one already written (a batch retried after a failure): skipped, returns -1.
 _RECORD = """
+if ARGV[14] ~= '' then
+  local last = redis.call('HGET', KEYS[1], ARGV[14])
+  if last and tonumber(last) >= tonumber(ARGV[15]) then return -1 end
+end
 local created = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'created', ARGV[2], 'updated', ARGV[2], 'source', ARGV[3],
@@ -63,8 +70,9 @@ else
 end
 redis.call('ZADD', KEYS[4], updated, ARGV[1])
 redis.call('ZADD', KEYS[5], updated, ARGV[11])
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], ARGV[14], ARGV[15]) end
 local ttl = tonumber(ARGV[13])
-for i = 14, #ARGV do
+for i = 16, #ARGV do
   local key = ARGV[12] .. ARGV[i]
   if ttl > 0 then
     redis.call('SET', key, ARGV[1], 'EX', ttl)
@@ -153,6 +161,8 @@ class RedisStore:
                     f"{o}:{rec.session_id}",
                     f"{self.prefix}history:{o}:",
                     ttl,
+                    rec.writer,
+                    rec.seq,
                     *rec.digests,
                 ]
                 await self._record(keys=self._keys(o, rec.session_id), args=args, client=pipe)
