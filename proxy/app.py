@@ -114,9 +114,14 @@ def _terminal(runtime_ref: list[Runtime]) -> Handler:
     return terminal
 
 
-async def build_runtime(config: LoadedConfig, store: Any = None) -> Runtime:
-    """Build the chain and the upstreams for a configuration (not yet started)."""
-    ctx = BuildContext(config=config, store=store)
+async def build_runtime(
+    config: LoadedConfig, store: Any = None, previous: Runtime | None = None
+) -> Runtime:
+    """Build the chain and the upstreams for a configuration (not yet started);
+    `previous` is the runtime it replaces on a reload."""
+    ctx = BuildContext(
+        config=config, store=store, previous=previous.ctx.services if previous else {}
+    )
     middlewares = build_middlewares(ctx)
     ref: list[Runtime] = []
     handler = compose(middlewares, _terminal(ref))

@@ -31,6 +31,9 @@ class BuildContext:
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
+    # the services of the chain this one replaces (a reload), for state that must
+    # outlive it: the in-process rate limiter's counters
+    previous: dict[str, Any] = field(default_factory=dict)
 
 
 Factory = Callable[[Any, BuildContext], Middleware]

@@ -46,7 +46,7 @@ async def reload(app: web.Application, path: str | None) -> bool:
     old = state.runtime
     try:
         config = load(path)
-        new = await build_runtime(config, old.ctx.store)
+        new = await build_runtime(config, old.ctx.store, previous=old)
         await start_runtime(new)
     except ConfigError as exc:
         log.error("reload failed: keeping the running configuration", extra={"errors": exc.errors})

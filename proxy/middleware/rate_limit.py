@@ -359,6 +359,10 @@ class _Holder:
     warn_settle: _Throttled = field(default_factory=_Throttled)
 
 
+_MEMORY_LIMITER = "rate_limit.memory_limiter"
+_HANDED_ON = "rate_limit.memory_limiter.handed_on"
+
+
 @register("rate_limit", RateLimitOptions)
 def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
     store = ctx.config.store
@@ -376,7 +380,16 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
                     options.on_store_error,
                 )
             return
-        holder.limiter = MemoryLimiter()
+        # a reload keeps the counters: the chain it replaces hands its limiter on
+        inherited = ctx.previous.get(_MEMORY_LIMITER)
+        if isinstance(inherited, MemoryLimiter):
+            ctx.previous[_HANDED_ON] = True
+            holder.limiter = inherited
+        else:
+            holder.limiter = MemoryLimiter()
+        ctx.services[_MEMORY_LIMITER] = holder.limiter
+        if inherited is not None:
+            return
         workers = _workers()
         if workers > 1:
             log.warning(
@@ -394,7 +407,8 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
 
     async def shutdown() -> None:
         if holder.limiter is not None:
-            await holder.limiter.close()
+            if not ctx.services.get(_HANDED_ON):  # else the next chain counts on
+                await holder.limiter.close()
             holder.limiter = None
 
     ctx.startup.append(startup)

@@ -320,3 +320,36 @@ middleware:
     assert delta("chat_proxy_tool_calls_rewritten_total", tool="end_call") == 3
     assert delta("chat_proxy_tokens_total", kind="completion") == 3 * 4  # "You said: goodbye N"
     assert delta("chat_proxy_tokens_total", kind="prompt") > 0
+
+
+async def test_reload_keeps_the_in_process_rate_limit_counters(
+    aiohttp_client: Any, backend: Backend, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+
+    def write(team: str) -> None:
+        path.write_text(
+            f"upstreams:\n  - name: main\n    url: {backend.url}\n"
+            "middleware:\n"
+            f"  - type: tests.plugins.audit:audit\n    team: {team}\n"
+            "  - type: rate_limit\n    requests_per_minute: 2\n"
+        )
+
+    write("blue")
+    app = build_app(load(path, env={}))
+    client = await aiohttp_client(app)
+    for _ in range(2):
+        resp = await client.post("/v1/chat/completions", json=chat_body())
+        assert resp.status == 200, await resp.text()
+    write("red")
+    assert await reload(app, str(path)) is True
+    # the new chain runs (the audit header changed) and still counts the two requests
+    refused = await client.post("/v1/chat/completions", json=chat_body())
+    assert refused.headers["X-Audited-By"] == "red"
+    assert refused.status == 429
+    assert (await refused.json())["error"]["type"] == "rate_limit_error"
+    await asyncio.sleep(0.05)  # the replaced chain retires: its counters live on
+    write("green")
+    assert await reload(app, str(path)) is True
+    again = await client.post("/v1/chat/completions", json=chat_body())
+    assert again.status == 429 and again.headers["X-Audited-By"] == "green"
