@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -37,6 +38,7 @@ class Runtime:
     ctx: BuildContext
     middleware_names: list[str] = field(default_factory=list)
     in_flight: int = 0
+    trusted: tuple[IPNetwork, ...] = ()
 
 
 @dataclass
@@ -134,8 +136,39 @@ async def build_runtime(
         ctx=ctx,
         middleware_names=[n for n, _ in middlewares],
     )
+    rt.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies)
     ref.append(rt)
     return rt
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def forwarded_client(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str | None:
+    """The client's address from X-Forwarded-For when the peer is a trusted balancer:
+    the right-most address that is not itself trusted (a client may write anything at
+    the left of the header). None: the peer's own address stands."""
+
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    peer = request.remote
+    if peer is None or not is_trusted(peer):
+        return None
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        if not is_trusted(hop):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return None  # garbage in the header: the balancer's address stands
+    return None
 
 
 async def start_runtime(rt: Runtime) -> None:
@@ -225,6 +258,8 @@ async def entry(request: web.Request) -> web.StreamResponse:
     current_request_id.set(rid)
     ex = Exchange(request=request, route="", scope=None, request_id=rid)
     ex.response_headers["X-Request-Id"] = rid
+    if rt.trusted:
+        ex.remote = forwarded_client(request, rt.trusted)
     state.in_flight += 1
     rt.in_flight += 1
     response: web.StreamResponse | None = None

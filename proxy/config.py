@@ -7,6 +7,7 @@ must be a positive integer`) and all errors are reported at once.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -54,6 +55,20 @@ class ServerConfig(Model):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # hand glibc's free memory back to the system this often (0: never)
     trim_memory_seconds: float = Field(60, ge=0)
+    # load balancers whose X-Forwarded-For names the client (addresses or networks):
+    # anonymous callers behind them are told apart (rate limits, sessions) by the
+    # address they forwarded, not by the balancer's
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
 
     @field_validator("event_loop")
     @classmethod

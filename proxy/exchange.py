@@ -86,6 +86,8 @@ class Exchange:
     completion: dict[str, Any] | None = None
     error: str | None = None
     log: dict[str, Any] = field(default_factory=dict)
+    # the client's address when a trusted load balancer forwarded it
+    remote: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -97,10 +99,11 @@ class Exchange:
 
     @property
     def client_id(self) -> str:
-        """The key id, or the client address for anonymous callers."""
+        """The key id, or the client address for anonymous callers (the one a trusted
+        load balancer forwarded, see server.trusted_proxies)."""
         if self.identity is not None:
             return self.identity.id
-        return f"ip:{self.request.remote or 'unknown'}"
+        return f"ip:{self.remote or self.request.remote or 'unknown'}"
 
     @property
     def wants_stream(self) -> bool:

@@ -341,7 +341,7 @@ def effective_quota(defaults: Limits, own: Limits | None, route: str) -> Quota:
 def client_key(ex: Exchange) -> str:
     identity = ex.identity
     if identity is None or identity.anonymous:
-        return f"ip:{ex.request.remote or 'unknown'}"
+        return f"ip:{ex.remote or ex.request.remote or 'unknown'}"
     return identity.id
 
 
