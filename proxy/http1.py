@@ -36,6 +36,7 @@ MAX_CHUNK_LINE = 4096
 HIGH_WATER = 1024 * 1024  # body bytes buffered before the backend is paused
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_BARE_END = re.compile(rb"\r?\n\r?\n")  # the end of a head whose lines may end in LF alone
 _SAFE_TARGET = re.compile(r"[!$&'()*+,\-./0-9:;=@A-Z_a-z~]*")
 
 # states of the body parser
@@ -163,6 +164,12 @@ class _Conn(asyncio.Protocol):
         head = self._head + data if self._head else data
         while True:
             end = head.find(b"\r\n\r\n")
+            skip = 4
+            if end < 0 or b"\n\n" in head[:end]:
+                # a bare LF ends a line too (RFC 9112 allows it; some small servers)
+                bare = _BARE_END.search(head)
+                if bare is not None:
+                    end, skip = bare.start(), bare.end() - bare.start()
             if end < 0:
                 if len(head) > MAX_HEAD:
                     raise ResponseError("the response headers are too long")
@@ -172,8 +179,9 @@ class _Conn(asyncio.Protocol):
                 return b""
             if end > MAX_HEAD:
                 raise ResponseError("the response headers are too long")
-            lines = head[:end].decode("latin-1").split("\r\n")
-            head = head[end + 4 :]
+            text = head[:end].decode("latin-1")
+            lines = text.split("\r\n") if skip == 4 else text.replace("\r\n", "\n").split("\n")
+            head = head[end + skip :]
             status_line = lines[0].split(" ", 2)
             if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
                 raise ResponseError("the backend's answer is not HTTP/1.x")

@@ -293,6 +293,23 @@ async def test_a_line_break_in_the_request_head_is_refused_and_nothing_is_sent()
 # -- response heads and bodies
 
 
+async def test_heads_whose_lines_end_in_a_bare_lf_are_read() -> None:
+    async with serving(
+        answers(
+            b"HTTP/1.1 200 OK\nX-A: 1\nContent-Length: 4\n\n\nabc",
+            b"HTTP/1.1 201 Made\r\nX-B: 2\nContent-Length: 2\r\n\nok",
+        )
+    ) as (_, pool):
+        resp = await get(pool)
+        assert (resp.status, resp.reason, resp.headers["x-a"]) == (200, "OK", "1")
+        assert await resp.read(1) == b"\nabc"  # the body starts after the blank line
+        resp.release()
+        resp = await get(pool)  # mixed line ends, on the same connection
+        assert (resp.status, resp.reason, resp.headers["x-b"]) == (201, "Made", "2")
+        assert await resp.read(1) == b"ok"
+        resp.release()
+
+
 async def test_status_reason_and_headers() -> None:
     head = (
         b"HTTP/1.1 404 Not Found Here\r\n"
