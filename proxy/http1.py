@@ -499,7 +499,28 @@ class Pool:
         return Response(conn)
 
     async def _acquire(self, deadline: float) -> _Conn:
-        while True:
+        """A connection, idle or new, within one of the pool's `limit` places. When
+        every place is taken the request queues; a place freed goes to the first in
+        the queue, never to a request that arrives meanwhile."""
+        if self._busy >= self.limit or self._waiters:
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            timer = self.loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter  # once woken, a place is held for this request
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # woken, then cancelled: pass the place on
+                    self._busy -= 1
+                    self._wake_one()
+                raise
+            finally:
+                timer.cancel()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        else:
+            self._busy += 1
+        try:
             idle = self._idle
             while idle:
                 conn = idle.pop()
@@ -512,25 +533,7 @@ class Pool:
                 conn.idle_since = 0.0
                 conn.reused = True
                 conn._reset()
-                self._busy += 1
                 return conn
-            if self._busy < self.limit:
-                break
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            timer = self.loop.call_at(deadline, _expire, waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._wake_one()  # woken, then cancelled: pass the turn on
-                raise
-            finally:
-                timer.cancel()
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self._busy += 1
-        try:
             remaining = deadline - self.loop.time()
             async with asyncio.timeout(min(self.connect_timeout, max(remaining, 0.0))):
                 _, conn = await self.loop.create_connection(
@@ -573,9 +576,11 @@ class Pool:
             pass
 
     def _wake_one(self) -> None:
-        while self._waiters:
+        """Hand a free place to the first request in the queue."""
+        while self._waiters and self._busy < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._busy += 1
                 waiter.set_result(None)
                 return
 

@@ -865,6 +865,27 @@ async def test_cancelling_a_just_woken_waiter_passes_the_turn_on() -> None:
     assert backend.accepted == 1
 
 
+async def test_a_freed_place_goes_to_the_first_waiter_not_to_a_newcomer() -> None:
+    async with serving(answers(ok(b"1"), ok(b"2"), ok(b"3")), limit=1) as (backend, pool):
+
+        async def use() -> bytes:
+            resp = await get(pool, timeout=5)
+            body = await resp.read(1)
+            resp.release()
+            return body
+
+        held = await get(pool)
+        assert await held.read(1) == b"1"
+        first = asyncio.create_task(use())
+        await asyncio.sleep(0.01)
+        held.release()  # the place is the first waiter's...
+        newcomer = await use()  # ...not this request's, although it asks at once
+        assert await first == b"2"
+        assert newcomer == b"3"
+        assert pool.open_connections == 1
+    assert backend.accepted == 1
+
+
 async def test_closing_the_pool_fails_waiters_and_closes_connections_in_use() -> None:
     async with serving(answers(ok(b"1"))) as (backend, _):
         pool = Pool("http", "127.0.0.1", backend.port, limit=1)
