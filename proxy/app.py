@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy import jsonfast, memory, metrics, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
-from proxy.errors import ProxyError, bad_request, not_found
+from proxy.errors import ProxyError, bad_request, install_http_error_shape, not_found
 from proxy.exchange import Exchange, Handler
 from proxy.observability import (
     access_log,
@@ -371,6 +371,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 def build_app(config: LoadedConfig) -> web.Application:
     """The application for a configuration; the chain is built here, once."""
+    install_http_error_shape()
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

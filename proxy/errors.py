@@ -204,3 +204,49 @@ def _shape(doc: dict[str, Any]) -> dict[str, Any]:
             "code": code if isinstance(code, str) else None,
         }
     }
+
+
+_HTTP_ERROR_INSTALLED = False
+
+
+def install_http_error_shape() -> None:
+    """Answer a request the HTTP parser refuses (a malformed request line or header)
+    in the OpenAI error shape, like every other error, instead of aiohttp's plain
+    text, which quotes the offending bytes back. Once per process; aiohttp keeps its
+    logging (which proxy/observability.py trims to the kind of error)."""
+    global _HTTP_ERROR_INSTALLED
+    if _HTTP_ERROR_INSTALLED:
+        return
+    from aiohttp.web_protocol import RequestHandler
+
+    original = RequestHandler.handle_error
+
+    def handle_error(
+        self: RequestHandler,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        plain = original(self, request, status, exc, message)
+        if status >= 500:
+            err = ProxyError(
+                status, "The proxy failed to handle this request.", code="internal_error"
+            )
+        else:
+            # the kind of error only: what follows the colon quotes the client's bytes
+            kind = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()[:100]
+            err = ProxyError(
+                status,
+                f"The request is not valid HTTP ({kind})."
+                if kind
+                else "The request is not valid HTTP.",
+                code="invalid_http",
+            )
+        resp = err.response()
+        if not plain.keep_alive:
+            resp.force_close()
+        return resp
+
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+    _HTTP_ERROR_INSTALLED = True
