@@ -84,7 +84,6 @@ class _Conn(asyncio.Protocol):
         "idle_since",
         "pool",
         "reason",
-        "reused",
         "status",
         "transport",
     )
@@ -92,7 +91,6 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.reused = False
         self.idle_since = 0.0
         self.closed = False
         self._reset()
@@ -152,12 +150,6 @@ class _Conn(asyncio.Protocol):
         elif self._state != _DONE:
             self._set_error(ResponseError("the backend closed the connection early"))
 
-    def pause_writing(self) -> None:  # request bodies are bounded: buffered in full
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- parsing
 
     def _parse_head(self, data: bytes) -> bytes:
@@ -165,7 +157,7 @@ class _Conn(asyncio.Protocol):
         while True:
             end = head.find(b"\r\n\r\n")
             skip = 4
-            if end < 0 or b"\n\n" in head[:end]:
+            if end < 0 or head.find(b"\n\n", 0, end) >= 0:
                 # a bare LF ends a line too (RFC 9112 allows it; some small servers)
                 bare = _BARE_END.search(head)
                 if bare is not None:
@@ -531,7 +523,6 @@ class Pool:
                     continue
                 self._expire_idle()
                 conn.idle_since = 0.0
-                conn.reused = True
                 conn._reset()
                 return conn
             remaining = deadline - self.loop.time()
@@ -554,9 +545,11 @@ class Pool:
         idle = self._idle
         if idle and time.monotonic() - idle[0].idle_since > self.keepalive:
             now = time.monotonic()
-            keep = [c for c in idle if now - c.idle_since <= self.keepalive and not c.closed]
+            keep: list[_Conn] = []
             for c in idle:
-                if c not in keep:
+                if now - c.idle_since <= self.keepalive and not c.closed:
+                    keep.append(c)
+                else:
                     c.close()
             self._idle = keep
 

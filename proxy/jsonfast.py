@@ -45,3 +45,26 @@ def copy_tree(value: Any) -> Any:
     if kind is str or kind is int or kind is float or kind is bool or value is None:
         return value
     return copy.deepcopy(value)
+
+
+def plain_tree(value: Any) -> bool | None:
+    """True when a tree holds only dicts, lists, strings, integers, booleans, None and
+    finite floats; False at a NaN or an infinity; None at any other kind of value."""
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is str:
+            continue
+        if kind is dict:
+            push(node.values())
+        elif kind is list:
+            push(node)
+        elif kind is float:
+            if node - node != 0.0:  # NaN or an infinity
+                return False
+        elif kind is not int and kind is not bool and node is not None:
+            return None
+    return True

@@ -157,6 +157,15 @@ class _Transformer:
                 if isinstance(usage, dict):
                     self.acc.usage = usage
 
+    def _with_held(self, chunk: bytes) -> bytes:
+        """The held reads and `chunk`, as one; nothing is held after."""
+        if not self._held:
+            return chunk
+        data = b"".join([*self._held, chunk])
+        self._held.clear()
+        self._held_size = 0
+        return data
+
     def feed(self, chunk: bytes) -> bytes:
         if self.pending.buf and b"\n" not in chunk and b"\r" not in chunk:
             self._held.append(chunk)
@@ -164,11 +173,7 @@ class _Transformer:
             if len(self.pending.buf) + self._held_size > MAX_EVENT_BYTES:
                 raise EventTooLarge()
             return b""
-        if self._held:
-            chunk = b"".join([*self._held, chunk])
-            self._held.clear()
-            self._held_size = 0
-        events, self.pending = sse.parse(self.pending, chunk)
+        events, self.pending = sse.parse(self.pending, self._with_held(chunk))
         if len(self.pending.buf) > MAX_EVENT_BYTES:
             raise EventTooLarge()
         if not events:
@@ -178,8 +183,7 @@ class _Transformer:
 
     def end(self) -> bytes:
         if self._held:
-            held = b"".join(self._held)
-            self._held.clear()
+            held = self._with_held(b"")
             self.pending = sse.Pending(self.pending.buf + held, self.pending.after_cr)
         events = sse.flush(self.pending)
         self.pending = sse.START

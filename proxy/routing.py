@@ -21,28 +21,6 @@ from proxy.http1 import Pool, request_target
 
 log = logging.getLogger("chat_proxy.upstream")
 
-# request headers never forwarded: hop-by-hop ones, the client's credentials, and
-# those the proxy sets itself
-NEVER_FORWARDED = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        "accept-encoding",
-        "cookie",
-        "expect",
-        "x-request-id",
-    }
-)
-
 
 class Upstream:
     """One configured backend: its connection pool and its passive health."""
@@ -58,9 +36,6 @@ class Upstream:
         self._targets: dict[str, str] = {}
         self._reachable = True
         self.auth = [("Authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
-        # request headers never forwarded, [without, with] a JSON body the proxy
-        # writes itself (see upstream._forward_headers)
-        self.drop_headers = (NEVER_FORWARDED, NEVER_FORWARDED | {"content-type"})
 
     def serves(self, model: str | None) -> bool:
         name = model or ""

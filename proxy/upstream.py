@@ -26,6 +26,30 @@ __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
 
 log = logging.getLogger("chat_proxy.upstream")
 
+# request headers never forwarded: hop-by-hop ones, the client's credentials, and
+# those the proxy sets itself
+NEVER_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "accept-encoding",
+        "cookie",
+        "expect",
+        "x-request-id",
+    }
+)
+# ... and, when the proxy writes the JSON body itself, the client's Content-Type
+_NEVER_WITH_BODY = NEVER_FORWARDED | {"content-type"}
+
 
 class Failure(Exception):
     """An attempt that failed before the first byte; `retryable` says whether another
@@ -56,9 +80,7 @@ def upstream_request_id(request_id: str) -> str:
 def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
     """The client's headers less those never forwarded and those the proxy sets."""
     extra = ex.upstream_headers
-    # the fixed names never forwarded, with Content-Type when the proxy writes the
-    # body
-    drop = up.drop_headers[ex.body is not None]
+    drop = _NEVER_WITH_BODY if ex.body is not None else NEVER_FORWARDED
     more = ex.upstream_drop_headers
     if extra:
         more = more | {k.lower() for k in extra}

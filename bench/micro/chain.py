@@ -48,52 +48,20 @@ from aiohttp.test_utils import make_mocked_request
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench import KEY, completion_doc, request_body  # noqa: E402
 from proxy import jsonfast, metrics  # noqa: E402
 from proxy.chain import BuildContext, build_middlewares, compose  # noqa: E402
 from proxy.config import load  # noqa: E402
 from proxy.exchange import Exchange, Handler, Identity  # noqa: E402
 from proxy.store import open_store  # noqa: E402
 
-KEY = "sk-bench-0123456789abcdef"
 ORDER = ("auth", "rate_limit", "validate", "session", "model_override")
 
-# bench/bench.py `request_body("bench-json")` and `completion_doc()`
-REQUEST = json.dumps(
-    {
-        "model": "bench-json",
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-            {"role": "user", "content": "Say hello in one short sentence, please."},
-        ],
-        "max_tokens": 64,
-        "temperature": 0.7,
-    }
-).encode()
-COMPLETION = json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": "bench-json",
-        "system_fingerprint": "fp_bench",
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": "Hello! This is a canned answer from the benchmark backend, "
-                    "about as long as a short reply from a chat model.",
-                    "refusal": None,
-                },
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 24, "completion_tokens": 22, "total_tokens": 46},
-    },
-    separators=(",", ":"),
-).encode()
+# what the benchmark sends and what its backend answers
+REQUEST = request_body("bench-json")
+COMPLETION = json.dumps(completion_doc(), separators=(",", ":")).encode()
 
 
 async def terminal(ex: Exchange) -> web.StreamResponse:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
+from proxy import jsonfast
 from proxy.chain import BuildContext, register
 from proxy.config import Model
 from proxy.errors import ProxyError
@@ -151,34 +152,10 @@ def array(param: str, value: Any) -> list[Any]:
 _finite_json = json.JSONEncoder(allow_nan=False, ensure_ascii=False).encode
 
 
-def _all_finite(value: Any) -> bool | None:
-    """True when a JSON tree holds no NaN and no infinity, False when it does; None
-    when it holds something other than dicts, lists, strings, numbers, booleans and
-    None (left to the encoder, which judges those)."""
-    stack = [value]
-    pop = stack.pop
-    push = stack.extend
-    while stack:
-        node = pop()
-        kind = type(node)
-        if kind is str:
-            continue
-        if kind is dict:
-            push(node.values())
-        elif kind is list:
-            push(node)
-        elif kind is float:
-            if node - node != 0.0:  # NaN or an infinity
-                return False
-        elif kind is not int and kind is not bool and node is not None:
-            return None
-    return True
-
-
 def first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
     """The path of the first NaN or Infinity in a JSON tree (Python's parser takes
     them; no backend should receive them)."""
-    finite = _all_finite(value)  # the fast path: no paths built
+    finite = jsonfast.plain_tree(value)  # the fast path: no paths built
     if finite:
         return None
     if finite is None:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from proxy import jsonfast
+
 
 class UnknownCursor(LookupError):
     """`after` names a session the owner does not have."""
@@ -83,31 +85,11 @@ class TurnRecord:
         return self.text if self.opening is None else self.first_text
 
 
-_SCALARS = (str, int, bool, type(None))
-
-
 def plain_json(value: Any) -> bool:
     """Whether a tree holds only dicts, lists, strings, integers, booleans, None and
     finite floats: what orjson writes as the standard encoder does (it writes NaN as
     null, and objects the standard encoder refuses, such as datetimes, as it likes)."""
-    stack = [value]
-    pop = stack.pop
-    push = stack.extend
-    while stack:
-        node = pop()
-        kind = type(node)
-        if kind is str:
-            continue
-        if kind is dict:
-            push(node.values())
-        elif kind is list:
-            push(node)
-        elif kind is float:
-            if node - node != 0.0:  # NaN or an infinity
-                return False
-        elif kind not in _SCALARS:
-            return False
-    return True
+    return jsonfast.plain_tree(value) is True
 
 
 def json_text(value: Any) -> str | None:

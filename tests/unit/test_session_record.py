@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,18 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from proxy.chain import BuildContext
-from proxy.config import StoreConfig
 from proxy.exchange import Exchange, Identity
 from proxy.middleware import session as session_mw
-from proxy.store import MemoryStore, SessionStore, open_store
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    cfg = StoreConfig(backend=request.param, path=str(tmp_path / "s.db"))  # type: ignore[arg-type]
-    opened = await open_store(cfg)
-    yield opened
-    await opened.close()
+from proxy.store import MemoryStore, SessionStore
 
 
 async def run_turn(

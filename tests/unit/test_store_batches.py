@@ -5,22 +5,11 @@ JSON encoder writes: every store keeps them in order and reads them back as sent
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.config import StoreConfig
-from proxy.store import SessionStore, TurnRecord, open_store
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    cfg = StoreConfig(backend=request.param, path=str(tmp_path / "s.db"))  # type: ignore[arg-type]
-    opened = await open_store(cfg)
-    yield opened
-    await opened.close()
+from proxy.store import SessionStore, TurnRecord
 
 
 def rec(
