@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast, memory, metrics, upstream
+from proxy import inbound, jsonfast, memory, metrics, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, install_http_error_shape, not_found
@@ -186,25 +186,6 @@ async def stop_runtime(rt: Runtime) -> None:
     await rt.upstreams.close()
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ProxyError(
-            413, f"The request body is larger than {limit} bytes.", code="request_too_large"
-        )
-    if request.content_length is not None:
-        return await request.read()  # at most client_max_size, which is the limit
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ProxyError(
-                413, f"The request body is larger than {limit} bytes.", code="request_too_large"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 MAX_JSON_DEPTH = 128  # well below the recursion limit, whatever walks the body later
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -274,7 +255,9 @@ async def entry(request: web.Request) -> web.StreamResponse:
         ex.route, ex.scope, path = classify(request.method, request.path)
         ex.log["_path"] = path
         if request.method in ("POST", "PUT", "PATCH"):
-            raw = await _read_body(request, rt.config.server.max_body_bytes)
+            raw = await inbound.read_body(
+                request, rt.config.server.max_body_bytes, rt.config.server.timeouts.body
+            )
             ex.raw_body = raw
             ctype = request.content_type
             if ex.route == "chat" or (ctype == "application/json" and raw):

@@ -44,11 +44,24 @@ class Limits(Model):
     max_concurrent: int | None = Field(None, gt=0)
 
 
+class ClientTimeouts(Model):
+    """Limits on what a client may hold (seconds)."""
+
+    header: float = Field(60, gt=0)  # the request head must arrive within this: else 408
+    body: float = Field(60, gt=0)  # the longest pause between two reads of a body: else 408
+    keepalive: float = Field(75, gt=0)  # an idle client connection is closed after this
+    send: float = Field(60, gt=0)  # a client that takes nothing of a response this long
+
+
 class ServerConfig(Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     keepalive_seconds: float = Field(15, ge=0)
+    timeouts: ClientTimeouts = ClientTimeouts()
+    # a non-streamed answer that a middleware must parse, when larger: 502 (answers no
+    # middleware needs stream through whatever their size)
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
     drain_seconds: float = Field(30, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: uvloop where it is installed (it is a dependency on Linux and macOS)

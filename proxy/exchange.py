@@ -85,6 +85,9 @@ class Exchange:
     ttfb: float | None = None
     completion: dict[str, Any] | None = None
     error: str | None = None
+    # the backend's stream ended without `[DONE]` and without a finish_reason on each
+    # choice: the answer the client got is cut short (sessions mark the turn)
+    incomplete: bool = False
     log: dict[str, Any] = field(default_factory=dict)
     # the client's address when a trusted load balancer forwarded it
     remote: str | None = None
