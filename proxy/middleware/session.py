@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -392,25 +391,18 @@ class Writer:
 # -- the middleware --
 
 
-class _Ids:
-    """Session ids: a random 64-bit prefix drawn once per process (again in a forked
-    child) and a counter, 32 hex digits like uuid4's, unique across processes and
-    restarts, without a system call per id; consecutive ids also keep the SQLite
-    store's inserts next to each other."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._prefix = "sess_" + os.urandom(8).hex()
-        self._next = itertools.count().__next__
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{self._next():016x}"
+ID_PREFIX = "sess_"
+ID_TIME_DIGITS = 12  # hex digits of the creation time: 48 bits of milliseconds
+ID_RANDOM_BYTES = 16  # 128 random bits
 
 
-_new_id = _Ids()
+def new_session_id() -> str:
+    """A new session id: `sess_`, the creation time in milliseconds (12 hex digits of
+    `clock`, so that ids sort by creation and a store's inserts stay near each other),
+    then 128 random bits (32 hex digits). Nothing in it counts sessions or ties one to
+    another session of the same process; one system call per id."""
+    ms = int(clock() * 1000) & 0xFFFF_FFFF_FFFF
+    return f"{ID_PREFIX}{ms:012x}{os.urandom(ID_RANDOM_BYTES).hex()}"
 
 
 def _key_id(ex: Exchange) -> str | None:
@@ -514,7 +506,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
         elif len(convo) > 1 and (found := await find(owner, convo)) is not None:
             sid, source = found, "continued"
         else:
-            sid, source = _new_id(), "new"
+            sid, source = new_session_id(), "new"
 
         ex.session_id = sid
         ex.response_headers[SESSION_HEADER] = sid

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +32,8 @@ from tests.conftest import (
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-GENERATED = re.compile(r"^sess_[0-9a-f]{32}$")
+# `sess_`, 12 hex digits of milliseconds, 32 hex digits (128 bits) at random
+GENERATED = re.compile(r"^sess_[0-9a-f]{12}[0-9a-f]{32}$")
 Client = TestClient[Any, Any]
 
 
@@ -168,6 +170,33 @@ async def test_a_single_message_starts_a_session_sent_both_ways(
         "/v1/chat/completions", json={"model": "test-model", "messages": [user("Hi")]}
     )
     assert resp.headers["X-Session-Id"] != sid
+
+
+async def test_new_session_ids_are_random_not_counted(
+    make_proxy: ProxyFactory, any_store: dict[str, Any]
+) -> None:
+    client = await make_proxy(config(any_store))
+    before = int(time.time() * 1000)
+    first, _ = await chat(client, [user("one")])
+    second, _ = await chat(client, [user("two")])
+    after = int(time.time() * 1000)
+    shapes = [GENERATED.match(sid) for sid in (first, second)]
+    assert all(shapes)
+    times = [int(sid[5:17], 16) for sid in (first, second)]
+    assert before <= times[0] <= times[1] <= after
+    one, two = (sid[17:] for sid in (first, second))
+    # no prefix drawn once per process, no counter after it: the 128 bits after the
+    # time share no more than chance would (8 digits: once in 4 billion), and are not
+    # a small step apart
+    shared = next((i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b), 32)
+    assert shared < 8
+    assert abs(int(one, 16) - int(two, 16)) > 2**64
+    # each id is a session every store keeps, and a client may pin it by header
+    for sid in (first, second):
+        assert (await fetch(client, sid))[0] == 200
+    pinned, _ = await chat(client, [user("three")], headers={"X-Session-Id": first})
+    assert pinned == first
+    assert (await fetch(client, first))[1]["turn_count"] == 2
 
 
 async def test_appending_the_reply_continues_the_session(
@@ -510,14 +539,11 @@ async def test_each_key_sees_and_continues_only_its_own(
 
     # another key's session answers exactly like one that does not exist
     mallory = await client.get(f"/v1/sessions/{alice_first}", headers={"X-Test-Key": "mallory"})
-    nobody = await client.get(
-        "/v1/sessions/sess_00000000000000000000000000000000", headers={"X-Test-Key": "mallory"}
-    )
+    nobody_id = "sess_" + "0" * 44
+    nobody = await client.get(f"/v1/sessions/{nobody_id}", headers={"X-Test-Key": "mallory"})
     assert mallory.status == nobody.status == 404
     m_err, n_err = (await mallory.json())["error"], (await nobody.json())["error"]
-    assert m_err["message"].replace(alice_first, "ID") == n_err["message"].replace(
-        "sess_" + "0" * 32, "ID"
-    )
+    assert m_err["message"].replace(alice_first, "ID") == n_err["message"].replace(nobody_id, "ID")
     assert {k: v for k, v in m_err.items() if k != "message"} == {
         k: v for k, v in n_err.items() if k != "message"
     }

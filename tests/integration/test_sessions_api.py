@@ -18,6 +18,7 @@ from tests.integration.test_sessions import REDIS_URL, chat, config, fetch, user
 
 sqlite_store = test_sessions.sqlite_store
 redis_store = test_sessions.redis_store
+any_store = test_sessions.any_store
 
 
 class Clock:
@@ -92,6 +93,32 @@ async def test_list_pages_newest_first(
         "last_id": None,
         "has_more": False,
     }
+
+
+async def test_generated_ids_page_on_every_store(
+    make_proxy: ProxyFactory, any_store: dict[str, Any], clock: Clock
+) -> None:
+    """Generated ids as `after` cursors: each store walks every session once, most
+    recently updated first, and sessions updated at the same instant (these share
+    their id's time too) by id, higher first."""
+    client = await make_proxy(config(any_store))
+    tied = [(await chat(client, [user(f"tied {i}")], key="k"))[0] for i in range(3)]
+    later = []
+    for i in range(3):
+        clock.now += 10
+        later.append((await chat(client, [user(f"later {i}")], key="k"))[0])
+    expected = [*reversed(later), *sorted(tied, reverse=True)]
+
+    walked: list[str] = []
+    after = ""
+    while True:
+        query = f"/v1/sessions?limit=2&after={after}" if after else "/v1/sessions?limit=2"
+        page = await (await client.get(query, headers={"X-Test-Key": "k"})).json()
+        walked += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert walked == expected
 
 
 @pytest.mark.parametrize(
