@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import inbound, jsonfast, memory, metrics, upstream
+from proxy import forms, inbound, jsonfast, memory, metrics, paths, upstream
 from proxy.chain import BuildContext, build_middlewares, compose
 from proxy.config import LoadedConfig
 from proxy.errors import ProxyError, bad_request, install_http_error_shape, not_found
@@ -102,7 +102,11 @@ def _terminal(runtime_ref: list[Runtime]) -> Handler:
                 if isinstance(user_id, str) and "user" not in body:
                     body["user"] = user_id
         identity = ex.identity
-        if identity is not None and body is not None and not identity.may_use(ex.model):
+        if (
+            identity is not None
+            and (body is not None or ex.form)
+            and not identity.may_use(ex.model)
+        ):
             raise ProxyError(
                 403,
                 f"The key '{identity.id}' may not use the model `{ex.model}`."
@@ -252,23 +256,34 @@ async def entry(request: web.Request) -> web.StreamResponse:
                 code="shutting_down",
                 headers={"Connection": "close", "Retry-After": "1"},
             )
-        ex.route, ex.scope, path = classify(request.method, request.path)
+        ex.route, ex.scope, path = classify(request.method, paths.normalise(request.path))
         ex.log["_path"] = path
         if request.method in ("POST", "PUT", "PATCH"):
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # the key is checked before the client is asked for its body
+                for check in rt.ctx.before_body:
+                    check(ex)
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             raw = await inbound.read_body(
                 request, rt.config.server.max_body_bytes, rt.config.server.timeouts.body
             )
             ex.raw_body = raw
-            ctype = request.content_type
-            if ex.route == "chat" or (ctype == "application/json" and raw):
-                doc = _parse_json(raw)
-                if not isinstance(doc, dict):
-                    raise bad_request(
-                        "The request body must be a JSON object.", code="invalid_json"
-                    )
-                ex.body = doc
-                model = doc.get("model")
-                ex.requested_model = model if isinstance(model, str) else None
+            if ex.route == "chat" or (ex.route == "passthrough" and raw):
+                ctype = request.headers.get("Content-Type", "")
+                if ex.route == "passthrough" and forms.is_form(ctype):
+                    ex.form = True
+                    ex.requested_model = forms.model_field(ctype, raw)
+                else:
+                    # whatever the Content-Type says: no body reaches a backend
+                    # without the chain having seen its model
+                    doc = _parse_json(raw)
+                    if not isinstance(doc, dict):
+                        raise bad_request(
+                            "The request body must be a JSON object.", code="invalid_json"
+                        )
+                    ex.body = doc
+                    model = doc.get("model")
+                    ex.requested_model = model if isinstance(model, str) else None
         response = await rt.handler(ex)
         if not ex.status:
             ex.status = response.status
@@ -277,6 +292,9 @@ async def entry(request: web.Request) -> web.StreamResponse:
         ex.status = err.status
         ex.error = err.code or err.type
         response = err.response(ex.response_headers)
+        if ex.raw_body is None and request.method in ("POST", "PUT", "PATCH"):
+            response.force_close()  # the body was never read: it must not be taken
+            # for the next request
         return response
     except asyncio.CancelledError:
         ex.status = ex.status or 499
@@ -375,10 +393,17 @@ def build_app(config: LoadedConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handle)
+    # `Expect: 100-continue` is answered in `entry`, once the key has been checked
     for path in sorted(_CHAT_PATHS | _MODELS_PATHS):
-        app.router.add_route("*", path, entry)  # found by a lookup, not the pattern below
-    app.router.add_route("*", r"/{tail:[\s\S]*}", entry)  # any path, newlines too
+        # found by a lookup, not the pattern below
+        app.router.add_route("*", path, entry, expect_handler=_no_continue)
+    # any path, newlines too
+    app.router.add_route("*", r"/{tail:[\s\S]*}", entry, expect_handler=_no_continue)
     return app
+
+
+async def _no_continue(request: web.Request) -> None:
+    return None
 
 
 def _needs_store(config: LoadedConfig) -> bool:

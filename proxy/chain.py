@@ -31,6 +31,9 @@ class BuildContext:
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
+    # checks run before a client that sent `Expect: 100-continue` is asked for its
+    # body (auth's key and scope check): a refusal goes out without reading it
+    before_body: list[Callable[[Exchange], object]] = field(default_factory=list)
     # the services of the chain this one replaces (a reload), for state that must
     # outlive it: the in-process rate limiter's counters
     previous: dict[str, Any] = field(default_factory=dict)

@@ -60,6 +60,9 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     raw_body: bytes | None = None
     body: dict[str, Any] | None = None
+    # a multipart form body (forwarded as it came); its `model` field is in
+    # requested_model
+    form: bool = False
     identity: Identity | None = None
     requested_model: str | None = None
     session_id: str | None = None
@@ -96,7 +99,7 @@ class Exchange:
     def model(self) -> str | None:
         body = self.body
         if body is None:
-            return None
+            return self.requested_model if self.form else None
         value = body.get("model")
         return value if isinstance(value, str) else None
 

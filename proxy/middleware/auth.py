@@ -272,16 +272,14 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Middleware:
     drop = header.lower()
     custom_header = drop not in ("x-api-key", "authorization")
 
-    async def auth_middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
-        if custom_header:
-            ex.upstream_drop_headers.add(drop)
+    def authenticate(ex: Exchange) -> Identity:
         key = presented_key(ex.request.headers, header)
         if key is None:
             raise _missing_key(header)
         identity = by_digest.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
         if identity is None:
             raise _wrong_key(header)
-        ex.identity = identity
+        ex.identity = identity  # a refusal below is logged with the key's id
         if ex.scope is not None and ex.scope not in identity.scopes:
             raise ProxyError(
                 403,
@@ -289,6 +287,14 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Middleware:
                 f"Missing scope: {ex.scope} (key '{identity.id}').",
                 code="missing_scope",
             )
+        return identity
+
+    ctx.before_body.append(authenticate)
+
+    async def auth_middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        if custom_header:
+            ex.upstream_drop_headers.add(drop)
+        identity = authenticate(ex)
         if ex.route == "models" and "*" not in identity.models:
             ex.body_transforms.append(_models_filter(ex, identity))
         return await call_next(ex)
