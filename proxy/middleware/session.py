@@ -30,6 +30,12 @@ session it branched from.
 A turn records the request's new messages: those after its last assistant message,
 or, for the first turn of a session, all of them (system prompt and greeting included).
 
+The backend is sent (in `forward_header`) not the session id but
+`sess_` + the first 32 hex digits of SHA-256(owner + NUL + session id): the same for
+every turn of a session, on every replica and after restarts (so a backend's prefix
+cache still groups a conversation), and different for two keys that name the same
+conversation id, whose sessions are two sessions. The client sees its own id.
+
 Session writes leave the request's path: a completion callback queues the turn for a
 background writer, which commits within milliseconds. Lookups see queued turns, so a
 client that sends its next message at once still continues.
@@ -405,6 +411,14 @@ def new_session_id() -> str:
     return f"{ID_PREFIX}{ms:012x}{os.urandom(ID_RANDOM_BYTES).hex()}"
 
 
+def forwarded_id(owner: str, session_id: str) -> str:
+    """The id the backend is sent for the owner's session: a function of both, so
+    that two owners' sessions of one id never reach it as one (whichever rule found
+    the session, even an id the proxy generated: a client may send any id back)."""
+    data = _owner_bytes(owner) + b"\0" + session_id.encode("utf-8", "surrogateescape")
+    return ID_PREFIX + hashlib.sha256(data).hexdigest()[:32]
+
+
 def _key_id(ex: Exchange) -> str | None:
     identity = ex.identity
     return identity.id if identity is not None and not identity.anonymous else None
@@ -511,7 +525,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
         ex.session_id = sid
         ex.response_headers[SESSION_HEADER] = sid
         if options.forward_header:
-            ex.upstream_headers[options.forward_header] = sid
+            ex.upstream_headers[options.forward_header] = forwarded_id(owner, sid)
         ex.log["session_source"] = source
 
         # a new session's first turn holds the whole context it opened with

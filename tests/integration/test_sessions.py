@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import sqlite3
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from proxy.chain import BuildContext
 from proxy.exchange import Exchange, Handler, Identity, Middleware
 from tests.conftest import (
+    BASIC,
     DONE,
     Backend,
     ProxyFactory,
@@ -32,9 +34,16 @@ from tests.conftest import (
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ANONYMOUS = "ip:127.0.0.1"  # the owner of a test client's sessions without a key
 # `sess_`, 12 hex digits of milliseconds, 32 hex digits (128 bits) at random
 GENERATED = re.compile(r"^sess_[0-9a-f]{12}[0-9a-f]{32}$")
 Client = TestClient[Any, Any]
+
+
+def forwarded(owner: str, sid: str) -> str:
+    """The id the backend is sent for an owner's session, as documented: a fixed
+    function of the two, the same on every replica and after a restart."""
+    return "sess_" + hashlib.sha256(f"{owner}\0{sid}".encode()).hexdigest()[:32]
 
 
 def as_key(options: dict[str, Any], ctx: BuildContext) -> Middleware:
@@ -145,7 +154,7 @@ async def test_a_single_message_starts_a_session_sent_both_ways(
     assert resp.status == 200
     sid = resp.headers["X-Session-Id"]
     assert GENERATED.match(sid)
-    assert backend.seen[-1].headers["X-Session-Id"] == sid
+    assert backend.seen[-1].headers["X-Session-Id"] == forwarded(ANONYMOUS, sid) != sid
 
     status, doc = await fetch(client, sid)
     assert status == 200
@@ -447,7 +456,7 @@ async def test_elevenlabs_conversation_id(make_proxy: ProxyFactory, backend: Bac
     sent = backend.seen[-1]
     assert "elevenlabs_extra_body" not in sent.json()
     assert sent.json()["messages"] == opening
-    assert sent.headers["X-Session-Id"] == "conv_01jabc"
+    assert sent.headers["X-Session-Id"] == forwarded(ANONYMOUS, "conv_01jabc")
 
     # it wins over a header, and over a history the proxy has never seen
     body["messages"] = [*opening, said("x"), user("For two")]
@@ -476,7 +485,7 @@ async def test_elevenlabs_body_kept_aside_by_validate(
     assert resp.status == 200
     assert resp.headers["X-Session-Id"] == "conv_2"
     assert "elevenlabs_extra_body" not in backend.seen[-1].json()
-    assert backend.seen[-1].headers["X-Session-Id"] == "conv_2"
+    assert backend.seen[-1].headers["X-Session-Id"] == forwarded(ANONYMOUS, "conv_2")
 
 
 async def test_session_header(make_proxy: ProxyFactory, backend: Backend) -> None:
@@ -489,7 +498,7 @@ async def test_session_header(make_proxy: ProxyFactory, backend: Backend) -> Non
         )
         assert resp.status == 200
         assert resp.headers["X-Session-Id"] == value
-        assert backend.seen[-1].headers["X-Session-Id"] == value
+        assert backend.seen[-1].headers["X-Session-Id"] == forwarded(ANONYMOUS, value)
         status, session = await fetch(client, value)
         assert status == 200 and session["source"] == "header"
     calls = len(backend.seen)
@@ -554,6 +563,82 @@ async def test_each_key_sees_and_continues_only_its_own(
     assert {s["id"] for s in listed["data"]} == {"shared-1", bob_sid}
 
 
+KEYS = {"alice": "sk-test-alice-0c4e1b", "bob": "sk-test-bob-7d92aa"}
+
+
+def two_keys_config() -> str:
+    """The auth middleware with the two keys of KEYS, then sessions in memory."""
+    keys = "".join(
+        f"      - id: {name}\n"
+        f"        key_sha256: {hashlib.sha256(key.encode()).hexdigest()}\n"
+        "        scopes: [chat, sessions:read]\n"
+        for name, key in KEYS.items()
+    )
+    return (
+        BASIC
+        + "store: {backend: memory}\nmiddleware:\n  - type: auth\n    keys:\n"
+        + keys
+        + "  - type: session\n"
+    )
+
+
+async def test_keys_naming_one_conversation_reach_the_backend_apart(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    client = await make_proxy(two_keys_config(), backend)
+
+    async def turn(
+        owner: str,
+        messages: list[dict[str, Any]],
+        header: str | None = None,
+        conversation_id: str | None = None,
+    ) -> tuple[str, str]:
+        """A chat request of the owner's key: the id it got back, the id the backend got."""
+        body: dict[str, Any] = {"model": "m", "messages": messages}
+        if conversation_id is not None:
+            body["elevenlabs_extra_body"] = {"conversation_id": conversation_id}
+        headers = {"Authorization": f"Bearer {KEYS[owner]}"}
+        if header is not None:
+            headers["X-Session-Id"] = header
+        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+        return resp.headers["X-Session-Id"], backend.seen[-1].headers["X-Session-Id"]
+
+    for how in ("header", "conversation_id"):
+        name = f"shared-{how}"
+        named = {"header": name} if how == "header" else {"conversation_id": name}
+        sent: dict[str, list[str]] = {"alice": [], "bob": []}
+        for owner in ("alice", "bob"):
+            for n in range(2):
+                back, forwarded_value = await turn(owner, [user(f"{how} {n}")], **named)
+                assert back == name  # each client gets back the id it named
+                sent[owner].append(forwarded_value)
+        # each key's conversation reaches the backend under one id, the same from one
+        # request to the next; the two keys' ids differ, and neither is the name
+        (alice, alice_again), (bob, bob_again) = sent["alice"], sent["bob"]
+        assert alice == alice_again and bob == bob_again
+        assert alice != bob and name not in (alice, bob)
+        assert (alice, bob) == (forwarded("alice", name), forwarded("bob", name))
+        for owner, key in KEYS.items():
+            resp = await client.get(
+                f"/v1/sessions/{name}", headers={"Authorization": f"Bearer {key}"}
+            )
+            doc = await resp.json()
+            assert resp.status == 200 and doc["key_id"] == owner and doc["turn_count"] == 2
+
+    # one session, one id at the backend, whichever rule finds it: a named session
+    # continued by its history; a generated one pinned by the header
+    opening = [user("about the trip")]
+    sid, first = await turn("alice", opening, header="trip-1")
+    history = [*opening, {"role": "assistant", "content": "Hello!"}, user("more")]
+    assert await turn("alice", history) == (sid, first)
+    generated, first = await turn("alice", [user("a new one")])
+    assert await turn("alice", [user("again")], header=generated) == (generated, first)
+    # another key sending that id back is another conversation at the backend too
+    back, theirs = await turn("bob", [user("mine now")], header=generated)
+    assert back == generated and theirs not in (first, generated)
+
+
 async def test_concurrent_continuations_add_up(
     make_proxy: ProxyFactory, shared_store: dict[str, Any]
 ) -> None:
@@ -597,7 +682,7 @@ async def test_forward_header_is_configurable(make_proxy: ProxyFactory, backend:
     )
     resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": [user("hi")]})
     sid = resp.headers["X-Session-Id"]
-    assert backend.seen[-1].headers["X-Conversation"] == sid
+    assert backend.seen[-1].headers["X-Conversation"] == forwarded(ANONYMOUS, sid)
     assert "X-Session-Id" not in backend.seen[-1].headers
 
 
