@@ -29,6 +29,8 @@ session it branched from.
 
 A turn records the request's new messages: those after its last assistant message,
 or, for the first turn of a session, all of them (system prompt and greeting included).
+A turn whose stream the backend cut short (`Exchange.incomplete`) carries
+`"incomplete": true`; a complete turn has no such field.
 
 The backend is sent (in `forward_header`) not the session id but
 `sess_` + the first 32 hex digits of SHA-256(owner + NUL + session id): the same for
@@ -579,6 +581,9 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
                 "usage": usage,
                 "latency_ms": round(ex.elapsed_ms()),
             }
+            if ex.incomplete:
+                # the stream ended early: the reply is what the client got of it
+                turn["incomplete"] = True
             text = json_text(turn)
             first_text = None
             if text is not None and first_messages is not None:

@@ -375,6 +375,36 @@ async def test_a_tool_call_reply_is_continued(make_proxy: ProxyFactory, backend:
     assert session["usage"]["total_tokens"] == 15 + 26 + 26
 
 
+async def test_a_stream_cut_short_is_marked_in_its_turn(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    client = await make_proxy(config({"backend": "memory"}, url="{backend}"), backend)
+    body = {"model": "test-model", "messages": [user("Tell me a story")], "stream": True}
+    # three events, no finish_reason, no [DONE]: the backend closed mid-answer
+    backend.chat(sse_handler(chunk("Once", role="assistant"), chunk(" upon"), chunk(" a")))
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200
+    await resp.read()
+    cut = resp.headers["X-Session-Id"]
+    # the same answer in full
+    backend.chat(sse_handler(chunk("Once", role="assistant"), chunk(" upon"), chunk(" a"), chunk(" time", finish="stop"), DONE))  # fmt: skip
+    resp = await client.post("/v1/chat/completions", json=body)
+    await resp.read()
+    whole = resp.headers["X-Session-Id"]
+
+    status, session = await fetch(client, cut)
+    assert status == 200
+    [turn] = session["turns"]
+    assert turn["incomplete"] is True
+    assert turn["response"]["content"] == "Once upon a"
+    assert turn["finish_reason"] is None
+    status, session = await fetch(client, whole)
+    [turn] = session["turns"]
+    assert "incomplete" not in turn  # a complete turn has no such field
+    assert turn["response"]["content"] == "Once upon a time"
+    assert turn["finish_reason"] == "stop"
+
+
 async def test_a_client_that_trims_its_history_continues(
     make_proxy: ProxyFactory, any_store: dict[str, Any]
 ) -> None:

@@ -1,8 +1,9 @@
 """What the session middleware records: the turn as the request and the response were
-when the response completed (later changes to them do not reach the store), and
-values that only the standard JSON encoder writes (NaN, integers beyond 64 bits) kept
-as they were, on every store that keeps sessions in this process or a file; and a
-continuation lookup that hangs or fails starts a new session."""
+when the response completed (later changes to them do not reach the store), values
+that only the standard JSON encoder writes (NaN, integers beyond 64 bits) kept as they
+were, and a turn whose stream was cut short marked so, on every store that keeps
+sessions in this process or a file; and a continuation lookup that hangs or fails
+starts a new session."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ async def run_turn(
     store_content: bool = True,
     after: Any = None,
     headers: dict[str, str] | None = None,
+    incomplete: bool = False,
 ) -> str:
     """One chat request through the session middleware; `after(ex)` runs once the
     turn is recorded, as a later completion callback would."""
@@ -45,9 +47,12 @@ async def run_turn(
     async def backend(ex: Exchange) -> web.StreamResponse:
         ex.completion = {
             "model": "m",
-            "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": reply, "finish_reason": None if incomplete else "stop"}
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
         }
+        ex.incomplete = incomplete  # as the relay says of a stream cut short
         for callback in ex.on_complete:
             callback(ex)
         if after is not None:
@@ -131,6 +136,25 @@ async def test_an_opening_turn_with_odd_values_and_redaction(store: SessionStore
     assert turn["messages"] == [{"role": "user", "tool_call_id": "t2"}]
     assert turn["response"] == {"role": "assistant", "content": None, "tool_calls": None}
     assert "secret" not in orjson.dumps(turn).decode()
+
+
+@pytest.mark.parametrize("store_content", [True, False], ids=["content", "no-content"])
+async def test_a_stream_cut_short_is_marked_in_its_turn(
+    store: SessionStore, store_content: bool
+) -> None:
+    messages = [{"role": "user", "content": "tell me a story"}]
+    reply = {"role": "assistant", "content": "Once upon a"}
+    sid = await run_turn(store, messages, reply, store_content=store_content, incomplete=True)
+    (turn,) = await turns(store, sid)
+    assert turn["incomplete"] is True
+    assert turn["finish_reason"] is None
+    assert turn["response"]["content"] == ("Once upon a" if store_content else None)
+
+    # a complete turn has no such field
+    sid = await run_turn(store, messages, reply, store_content=store_content)
+    (turn,) = await turns(store, sid)
+    assert "incomplete" not in turn
+    assert turn["finish_reason"] == "stop"
 
 
 class SlowStore(MemoryStore):
