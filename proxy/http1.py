@@ -13,6 +13,11 @@ that a request the middlewares leave alone costs close to a bare socket relay.
   rest, `release()` to give the connection back (closed when the body was not read
   to its end, which tells the backend to stop generating).
 
+A connection goes back to the pool only when its request went out whole (nothing
+left in the transport's write buffer) and its answer was read to its end, with no
+byte past it: a backend that answers early (a 413 after the head of a large body)
+would otherwise read the rest of that body as the next client's request.
+
 Errors: `OSError` when connecting fails, `TimeoutError` past a deadline,
 `Disconnected` when the backend closes before the status line (on a reused
 connection, most often one it had just closed as idle), `ResponseError` for an
@@ -77,6 +82,7 @@ class _Conn(asyncio.Protocol):
         "_keep_alive",
         "_paused",
         "_remaining",
+        "_sent",
         "_state",
         "_waiter",
         "closed",
@@ -107,6 +113,7 @@ class _Conn(asyncio.Protocol):
         self._error: BaseException | None = None
         self._keep_alive = True
         self._expect_body = True
+        self._sent = False  # the request has been handed to the transport
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
@@ -117,7 +124,7 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_since:  # bytes nobody asked for, on an idle connection
+        if self.idle_since or not self._sent:  # bytes nobody asked for
             self._fail(ResponseError("unexpected bytes on an idle connection"))
             return
         try:
@@ -183,8 +190,10 @@ class _Conn(asyncio.Protocol):
             status = int(code)
             if status < 100:
                 raise ResponseError("the backend's status code is out of range")
-            if 100 <= status < 200:  # 100 Continue and other interim answers
-                continue
+            if 100 <= status < 200:
+                if status == 101:  # this client never asks for an upgrade
+                    raise ResponseError("the backend switched protocols unasked")
+                continue  # 100 Continue and other interim answers
             headers: dict[str, str] = {}
             for line in lines[1:]:
                 name, sep, value = line.partition(":")
@@ -342,10 +351,29 @@ class _Conn(asyncio.Protocol):
             timer.cancel()
             self._waiter = None
 
+    def reusable(self) -> bool:
+        """Whether the connection may carry another request: its answer was read to
+        its end, with no byte past it, and its request went out whole (an answer can
+        come before the backend has read the whole request, and what is left of the
+        request would reach the backend ahead of the next one)."""
+        t = self.transport
+        return (
+            self._state == _DONE
+            and not self._body
+            and self._keep_alive
+            and not self.closed
+            and t is not None
+            and not t.get_write_buffer_size()
+        )
+
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is not None:
+            if t.get_write_buffer_size():
+                t.abort()  # close() would send the rest of the request first
+            else:
+                t.close()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -407,8 +435,7 @@ class Response:
             return
         self._done = True
         c = self._conn
-        reusable = c._state == _DONE and not c._body and c._keep_alive and not c.closed
-        c.pool._release(c, reusable)
+        c.pool._release(c, c.reusable())
 
     def close(self) -> None:
         """Close the connection whatever was read (the backend sees the client go)."""
@@ -478,6 +505,7 @@ class Pool:
                 raise ValueError("a header name or value contains a line break")
             data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape")
             conn._expect_body = method != "HEAD"
+            conn._sent = True
             assert conn.transport is not None
             conn.transport.write(data + body if body else data)
             while conn._state == _HEAD:

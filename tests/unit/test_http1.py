@@ -29,6 +29,7 @@ from proxy.http1 import (
     Pool,
     Response,
     ResponseError,
+    _Conn,
     request_target,
 )
 
@@ -971,6 +972,111 @@ async def test_https_through_tls() -> None:
     assert (
         backend.requests[0] == f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode()
     )
+
+
+# -- a request not written whole, and answers that come before their time
+
+
+async def test_an_answer_before_the_whole_request_went_out_closes_the_connection() -> None:
+    """A backend that answers after the head alone (a 413 for a large body) and keeps
+    the connection open: what is left of the body must not reach it ahead of the next
+    request, so the connection is closed (cut, not flushed) and the next request goes
+    on a new one."""
+    body = b"x" * (16 * 1024 * 1024)  # more than the socket buffers hold
+    answered = asyncio.Event()
+    released = asyncio.Event()
+
+    async def early(peer: Peer) -> None:
+        head = await peer.reader.readuntil(b"\r\n\r\n")
+        peer.received += head
+        await peer.send(
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: keep-alive\r\n"
+            b'Content-Length: 11\r\n\r\n{"e":"big"}'
+        )
+        answered.set()
+        await released.wait()
+        await peer.until_eof()  # whatever comes now on this connection
+
+    async with serving(per_connection(early, answers(ok(b"second")))) as (backend, pool):
+        resp = await pool.request("POST", "/", [], body, timeout=5)
+        assert resp.status == 413
+        assert await resp.read(1) == b'{"e":"big"}'
+        resp.release()
+        released.set()
+        await backend.seen_closed(1)
+        assert await fetch(pool) == (200, b"second")
+    assert backend.accepted == 2
+    assert len(backend.peers[0].received) < len(body)  # the rest was never sent
+    assert backend.requests == [
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode()
+    ]
+    assert answered.is_set()
+
+
+async def test_a_request_written_whole_before_the_answer_keeps_the_connection() -> None:
+    body = b"y" * (4 * 1024 * 1024)
+    async with serving(answers(ok(b"took it"), ok(b"again"))) as (backend, pool):
+        resp = await pool.request("POST", "/", [], body, timeout=5)
+        assert await resp.read(1) == b"took it"
+        resp.release()
+        assert await fetch(pool) == (200, b"again")
+    assert backend.accepted == 1
+    assert backend.requests[0].endswith(body)
+
+
+async def test_a_body_sent_to_a_head_request_spoils_the_connection() -> None:
+    script = answers(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", ok(b"next"))
+    async with serving(script) as (backend, pool):
+        resp = await pool.request("HEAD", "/", [], None, timeout=1)
+        assert (resp.status, resp.headers["content-length"]) == (200, "5")
+        assert await resp.read(1) == b""
+        await asyncio.sleep(0.02)  # the stray body arrives
+        resp.release()
+        assert await fetch(pool) == (200, b"next")  # on a new connection
+    assert backend.accepted == 2
+
+
+async def test_switching_protocols_unasked_raises_response_error() -> None:
+    script = answers(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n" + ok(b"no"))
+    async with serving(script) as (backend, pool):
+        with pytest.raises(ResponseError):
+            await get(pool)
+        assert pool.open_connections == 0
+        await backend.seen_closed(1)
+
+
+class _Transport:
+    """A transport that records what the protocol does with it."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.pending = 0  # bytes in the write buffer
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_bytes_before_the_request_is_written_are_refused() -> None:
+    # a fresh connection the backend speaks on first: its bytes answer nothing
+    conn = _Conn(object())  # type: ignore[arg-type]
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert transport.closed
+    assert isinstance(conn._error, ResponseError)
+    assert conn.status == 0 and not conn.reusable()
 
 
 # -- request_target
