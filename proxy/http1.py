@@ -19,9 +19,10 @@ byte past it: a backend that answers early (a 413 after the head of a large body
 would otherwise read the rest of that body as the next client's request.
 
 Errors: `OSError` when connecting fails, `TimeoutError` past a deadline,
-`Disconnected` when the backend closes before the status line (on a reused
-connection, most often one it had just closed as idle), `ResponseError` for an
-answer that is not HTTP or that ends before its announced end.
+`Disconnected` when the backend closes before the first byte of its answer (its
+`reused` says whether the connection came from the idle pool: on a reused
+connection most often one the backend had just closed as idle), `ResponseError` for
+an answer that is not HTTP/1.x or that ends before its announced end.
 """
 
 from __future__ import annotations
@@ -53,7 +54,17 @@ class ClientError(Exception):
 
 
 class Disconnected(ClientError):
-    """The backend closed the connection before the status line of its answer."""
+    """The backend closed the connection before the first byte of its answer.
+
+    `reused` is True when the connection came from the pool's idle ones (the backend
+    may have closed it as idle just as the request went out: the request surely never
+    reached it), False on a fresh connection (which did take the request)."""
+
+    def __init__(
+        self, message: str = "the backend closed the connection", *, reused: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.reused = reused
 
 
 class ResponseError(ClientError):
@@ -90,6 +101,7 @@ class _Conn(asyncio.Protocol):
         "idle_since",
         "pool",
         "reason",
+        "reused",
         "status",
         "transport",
     )
@@ -99,6 +111,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.closed = False
+        self.reused = False  # taken from the idle connections rather than opened
         self._reset()
 
     def _reset(self) -> None:
@@ -153,7 +166,7 @@ class _Conn(asyncio.Protocol):
             self._keep_alive = False
             self._wake()
         elif self._state == _HEAD and not self._head:
-            self._set_error(Disconnected("the backend closed the connection"))
+            self._set_error(Disconnected(reused=self.reused))
         elif self._state != _DONE:
             self._set_error(ResponseError("the backend closed the connection early"))
 
@@ -551,6 +564,7 @@ class Pool:
                     continue
                 self._expire_idle()
                 conn.idle_since = 0.0
+                conn.reused = True
                 conn._reset()
                 return conn
             remaining = deadline - self.loop.time()

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import socket
 import ssl
+import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -584,8 +585,9 @@ async def test_a_connection_closed_as_the_request_is_written_raises_disconnected
 
     async with serving(per_connection(closes_on_second, answers(ok(b"again")))) as (backend, pool):
         assert await fetch(pool) == (200, b"first")
-        with pytest.raises(Disconnected):
+        with pytest.raises(Disconnected) as info:
             await get(pool)
+        assert info.value.reused  # the idle pooled connection: the request may go again
         assert pool.open_connections == 0
         assert await fetch(pool) == (200, b"again")
     assert backend.accepted == 2
@@ -597,8 +599,39 @@ async def test_a_backend_that_closes_at_once_raises_disconnected() -> None:
         pass
 
     async with serving(hang_up) as (_, pool):
-        with pytest.raises(Disconnected):
+        with pytest.raises(Disconnected) as info:
             await get(pool)
+        assert not info.value.reused  # a fresh connection
+
+
+async def test_a_fresh_connection_closed_after_the_request_is_not_marked_reused() -> None:
+    async def takes_it_and_hangs_up(peer: Peer) -> None:
+        await peer.request()  # the backend has the request, then closes without a word
+
+    async with serving(takes_it_and_hangs_up) as (backend, pool):
+        for method, body in (("GET", None), ("POST", b'{"a": 1}')):
+            with pytest.raises(Disconnected) as info:
+                await pool.request(method, "/", [], body, timeout=1)
+            assert info.value.reused is False
+            assert pool.open_connections == 0
+    assert len(backend.requests) == 2  # both reached the backend
+
+
+async def test_an_idle_connection_reset_by_the_backend_raises_disconnected_reused() -> None:
+    async def resets_on_second(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(ok(b"first"))
+        await peer.request()
+        sock = peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.writer.transport.abort()  # a reset rather than a FIN
+
+    async with serving(resets_on_second) as (backend, pool):
+        assert await fetch(pool) == (200, b"first")
+        with pytest.raises(Disconnected) as info:
+            await get(pool)
+        assert info.value.reused
+        assert pool.open_connections == 0
 
 
 async def test_idle_connections_expire_after_keepalive_seconds() -> None:
