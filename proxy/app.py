@@ -133,6 +133,7 @@ async def build_runtime(
     handler = compose(middlewares, _terminal(ref))
     ups = upstream.Upstreams(config.upstreams)
     ups.keepalive = config.server.keepalive_seconds
+    ups.max_response_bytes = config.server.max_response_bytes
     rt = Runtime(
         config=config,
         upstreams=ups,

@@ -4,6 +4,7 @@ and re-encoded events where a middleware must change them."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from proxy import jsonfast, sse
 from proxy.completion import Accumulator
+from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
 from proxy.exchange import EventTransform, Exchange
 from proxy.http1 import ClientError, Response
@@ -47,33 +49,65 @@ async def _finish(ex: Exchange) -> None:
 
 
 async def relay(
-    ex: Exchange, up: Upstream, resp: Response, first: bytes, keepalive: float
+    ex: Exchange,
+    up: Upstream,
+    resp: Response,
+    first: bytes,
+    keepalive: float,
+    max_response: int,
+    decoder: Decoder | None = None,
 ) -> web.StreamResponse:
+    """Send the backend's answer on: a stream event by event, a body that a middleware
+    must read whole (at most `max_response` bytes), any other body as it arrives.
+    `decoder`: a stream's Content-Encoding, already applied to `first`."""
     ex.ttfb = time.perf_counter() - ex.started
     ex.status = resp.status
     ctype = resp.headers.get("content-type", "application/json")
     if ctype.startswith("text/event-stream"):
         ex.stream = True
-        return await _relay_stream(ex, up, resp, first, keepalive)
+        return await _relay_stream(ex, up, resp, first, keepalive, decoder)
+    if not (ex.needs_parse and ctype.startswith("application/json")):
+        return await _pass_body(ex, up, resp, first, ctype)
+    idle = up.cfg.timeouts.idle
     try:
         # the whole body most often came in the first read
-        rest = b"" if resp.complete else await resp.read(up.cfg.timeouts.idle)
+        body = (
+            first
+            if resp.complete
+            else first + await read_capped(resp, idle, max_response - len(first))
+        )
     except (TimeoutError, ClientError, OSError):
         raise ProxyError(
             502, "The backend closed the connection early.", code="upstream_reset"
         ) from None
-    body = first + rest
-    parse = ex.needs_parse and ctype.startswith("application/json")
-    if parse and ex.body_transforms:
-        doc = _json_object(body)
+    except TooLarge:
+        raise ProxyError(
+            502,
+            f"The backend's answer is larger than {max_response} bytes "
+            "(server.max_response_bytes).",
+            code="upstream_too_large",
+        ) from None
+    encoding = content_encoding(resp.headers)
+    plain = body
+    if encoding is not None:
+        try:
+            plain = decode_whole(body, encoding, max_response)
+        except CannotDecode as exc:
+            raise undecodable(exc) from None
+    parse = True
+    if ex.body_transforms:
+        doc = _json_object(plain)
         if doc is not None:
             for transform in reversed(ex.body_transforms):
                 doc = transform(doc)
             body = jsonfast.dumps(doc)
+            encoding = None  # re-encoded: sent as it is
             ex.completion = doc
         parse = False
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype
+    if encoding is not None:
+        headers["Content-Encoding"] = resp.headers["content-encoding"]
     out = web.Response(status=resp.status, body=body, headers=headers)
     # sent now, so that what runs after (parsing the answer for the bookkeeping, the
     # middlewares' work on the way back, metrics, the access line) does not delay
@@ -86,8 +120,79 @@ async def relay(
         ex.error = "client_disconnected"
         gone = True
     if parse:
-        ex.completion = _json_object(body)
+        ex.completion = _json_object(plain)
     if ex.on_complete and not gone:
+        await _finish(ex)
+    return out
+
+
+class TooLarge(Exception):
+    """A body grew past its cap."""
+
+
+async def read_capped(resp: Response, timeout: float, limit: int) -> bytes:
+    """The rest of a body, at most `limit` bytes (TooLarge past it: the connection is
+    closed, the rest never read)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.read_chunk(timeout)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            resp.close()
+            raise TooLarge()
+        parts.append(chunk)
+
+
+async def _pass_body(
+    ex: Exchange, up: Upstream, resp: Response, first: bytes, ctype: str
+) -> web.StreamResponse:
+    """A body no middleware reads: sent on as it arrives (its size bounds nothing in
+    the proxy), with its Content-Encoding."""
+    headers = dict(ex.response_headers)
+    headers["Content-Type"] = ctype
+    encoding = resp.headers.get("content-encoding")
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    if resp.complete:
+        out: web.StreamResponse = web.Response(status=resp.status, body=first, headers=headers)
+        try:
+            await out.prepare(ex.request)
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            ex.error = "client_disconnected"
+            return out
+        if ex.on_complete:
+            await _finish(ex)
+        return out
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    length = resp.headers.get("content-length")
+    if length is not None and length.isdigit():
+        out.content_length = int(length)
+    idle = up.cfg.timeouts.idle
+    await out.prepare(ex.request)
+    chunk = first
+    try:
+        while chunk:
+            await out.write(chunk)
+            chunk = await resp.read_chunk(idle)
+        await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        ex.error = "client_disconnected"
+        resp.close()
+        return out
+    except (TimeoutError, ClientError, OSError) as exc:
+        # the status has gone: the client must see a body cut short, never one that
+        # looks whole, so its connection is cut
+        ex.error = "upstream_idle_timeout" if isinstance(exc, TimeoutError) else "upstream_reset"
+        resp.close()
+        transport = ex.request.transport
+        if transport is not None:
+            transport.abort()
+        return out
+    if ex.on_complete:
         await _finish(ex)
     return out
 
@@ -129,6 +234,33 @@ class _Transformer:
         # read after read)
         self._held: list[bytes] = []
         self._held_size = 0
+        # how the stream ended: `[DONE]`, the choices that had a finish_reason, and
+        # whether the backend sent an error event
+        self.done = False
+        self.finished: set[Any] = set()
+        self.failed = False
+
+    def _watch(self, events: list[sse.Event]) -> None:
+        for e in events:
+            data = e.data
+            if data is None:
+                if e.other and "error" in e.other:
+                    self.failed = True
+                continue
+            if data == "[DONE]":
+                self.done = True
+            elif "finish_reason" in data or "error" in data:
+                doc = e.json()
+                if not isinstance(doc, dict):
+                    continue
+                if "error" in doc or doc.get("object") == "error":
+                    self.failed = True
+                choices = doc.get("choices")
+                if isinstance(choices, list):
+                    for c in choices:
+                        if isinstance(c, dict) and c.get("finish_reason"):
+                            index = c.get("index", 0)
+                            self.finished.add(index if isinstance(index, int) else 0)
 
     def _through(self, events: list[sse.Event], start: int = 0) -> list[sse.Event]:
         for t in self.transforms[start:]:
@@ -178,6 +310,7 @@ class _Transformer:
             raise EventTooLarge()
         if not events:
             return b""
+        self._watch(events)
         self._usage(events)
         return self._emit(self._through(events))
 
@@ -187,6 +320,7 @@ class _Transformer:
             self.pending = sse.Pending(self.pending.buf + held, self.pending.after_cr)
         events = sse.flush(self.pending)
         self.pending = sse.START
+        self._watch(events)
         self._usage(events)
         for t in self.transforms:
             out: list[sse.Event] = []
@@ -198,7 +332,12 @@ class _Transformer:
 
 
 async def _relay_stream(
-    ex: Exchange, up: Upstream, resp: Response, first: bytes, keepalive_seconds: float
+    ex: Exchange,
+    up: Upstream,
+    resp: Response,
+    first: bytes,
+    keepalive_seconds: float,
+    decoder: Decoder | None,
 ) -> web.StreamResponse:
     headers = dict(ex.response_headers)
     headers.update(SSE_HEADERS)
@@ -206,9 +345,20 @@ async def _relay_stream(
     await out.prepare(ex.request)
     STREAMS.inc()
     try:
-        return await _pump(ex, up, resp, first, keepalive_seconds, out)
+        return await _pump(ex, up, resp, first, keepalive_seconds, out, decoder)
     finally:
         STREAMS.dec()
+
+
+# a finish_reason with a value, as JSON encoders write it
+_FINISH = b'"finish_reason":"'
+_FINISH_SPACED = b'"finish_reason": "'
+_DONE_AT_END = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\][\r\n]*\Z")
+
+
+def _choices(ex: Exchange) -> int:
+    n = ex.body.get("n") if ex.body is not None else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 async def _pump(
@@ -218,6 +368,7 @@ async def _pump(
     first: bytes,
     keepalive_seconds: float,
     out: web.StreamResponse,
+    decoder: Decoder | None,
 ) -> web.StreamResponse:
     keepalive = keepalive_seconds
     idle = up.cfg.timeouts.idle
@@ -226,6 +377,10 @@ async def _pump(
     chunk = first
     boundary = True
     silent = 0.0
+    # how the raw relay tells a stream that ended from one cut short: the last two
+    # reads (for `[DONE]`) and the finish_reasons seen
+    last = before = b""
+    finishes = 0
     try:
         while chunk:
             if transformer is None and boundary and b"error" in chunk:
@@ -234,6 +389,9 @@ async def _pump(
             if transformer is None:
                 await out.write(chunk)
                 boundary = chunk.endswith(_BOUNDARIES)
+                if b"finish_reason" in chunk:
+                    finishes += chunk.count(_FINISH) + chunk.count(_FINISH_SPACED)
+                before, last = last, chunk
             else:
                 data = transformer.feed(chunk)
                 if data:
@@ -243,19 +401,49 @@ async def _pump(
             while True:
                 try:
                     chunk = await resp.read_chunk(tick)
-                    break
                 except TimeoutError:
                     silent += tick
                     if silent >= idle:
                         raise
                     if boundary:
                         await out.write(b": keepalive\n\n")
+                    continue
+                if decoder is not None:
+                    if chunk:
+                        chunk = decoder.feed(chunk)
+                        if not chunk:
+                            continue  # the decoder waits for more
+                    else:
+                        chunk = decoder.end()
+                        decoder = None
+                break
         if transformer is not None:
             tail = transformer.end()
             if tail:
                 await out.write(tail)
             if transformer.acc is not None:
                 ex.completion = transformer.acc.result()
+            ended = transformer.done or len(transformer.finished) + finishes >= _choices(ex)
+            if transformer.failed:
+                ex.incomplete = True
+                ended = True  # the backend said why: its error event went on
+        else:
+            ended = bool(_DONE_AT_END.search((before[-64:] + last)[-128:])) or (
+                finishes >= _choices(ex)
+            )
+        if not ended:
+            ex.incomplete = True
+            ex.error = "upstream_truncated"
+            await out.write(
+                sse_error_event(
+                    ProxyError(
+                        502,
+                        "The backend ended the stream before it was complete "
+                        "(no finish_reason and no [DONE]).",
+                        code="upstream_truncated",
+                    )
+                )
+            )
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         # the client went away: stop reading from the backend at once
         ex.error = "client_disconnected"
@@ -281,6 +469,11 @@ async def _pump(
                 code="upstream_bad_response",
             ),
         )
+        resp.close()
+        return out
+    except CannotDecode as exc:
+        ex.error = "upstream_bad_response"
+        await _stream_error(out, undecodable(exc))
         resp.close()
         return out
     except (ClientError, OSError) as exc:

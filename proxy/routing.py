@@ -133,6 +133,7 @@ class Upstreams:
         self.all = [Upstream(c) for c in configs]
         self._matches: dict[str, list[Upstream]] = {}
         self.keepalive = 0.0
+        self.max_response_bytes = 64 * 1024 * 1024
 
     async def start(self) -> None:
         for up in self.all:

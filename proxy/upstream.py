@@ -16,10 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from proxy import jsonfast
+from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
 from proxy.http1 import ClientError, Disconnected, Response
-from proxy.relay import relay
+from proxy.relay import MAX_EVENT_BYTES, TooLarge, read_capped, relay
 from proxy.routing import Upstream, Upstreams
 
 __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
@@ -45,8 +46,19 @@ NEVER_FORWARDED = frozenset(
         "cookie",
         "expect",
         "x-request-id",
+        "proxy-connection",
+        # set by the proxy from what it saw (see _forwarded)
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
     }
 )
+# the proxy reads what it must of an answer: it asks for it unencoded
+_IDENTITY = ("Accept-Encoding", "identity")
+# Connection options that name no header
+_CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade", ""})
+# an error body is read up to this much; the rest is never read
+MAX_ERROR_BODY = 1024 * 1024
 # ... and, when the proxy writes the JSON body itself, the client's Content-Type
 _NEVER_WITH_BODY = NEVER_FORWARDED | {"content-type"}
 
@@ -78,27 +90,56 @@ def upstream_request_id(request_id: str) -> str:
 
 
 def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
-    """The client's headers less those never forwarded and those the proxy sets."""
+    """The client's headers less the hop-by-hop ones (those the client's Connection
+    header names too), those never forwarded and those the proxy sets; then the
+    proxy's own: X-Request-Id, X-Forwarded-*, Accept-Encoding, the upstream's key."""
+    request_headers = ex.request.headers
     extra = ex.upstream_headers
     drop = _NEVER_WITH_BODY if ex.body is not None else NEVER_FORWARDED
     more = ex.upstream_drop_headers
     if extra:
         more = more | {k.lower() for k in extra}
+    connection = request_headers.get("Connection")
+    if connection is not None:
+        named = {t.strip().lower() for t in connection.split(",")} - _CONNECTION_OPTIONS
+        if named:
+            more = more | named
     if more:
         headers = [
             (k, v)
-            for k, v in ex.request.headers.items()
+            for k, v in request_headers.items()
             if (lk := k.lower()) not in drop and lk not in more
         ]
     else:
-        headers = [(k, v) for k, v in ex.request.headers.items() if k.lower() not in drop]
+        headers = [(k, v) for k, v in request_headers.items() if k.lower() not in drop]
     headers.append(("X-Request-Id", upstream_request_id(ex.request_id)))
+    _forwarded(ex, headers)
+    headers.append(_IDENTITY)
     if extra:
         headers.extend(extra.items())
     headers.extend(up.auth)
     if ex.body is not None:
         headers.append(("Content-Type", "application/json"))
     return headers
+
+
+def _forwarded(ex: Exchange, headers: list[tuple[str, str]]) -> None:
+    """X-Forwarded-For with the peer's address appended (nginx's
+    $proxy_add_x_forwarded_for), X-Forwarded-Proto and X-Forwarded-Host: the scheme and
+    host the client used, or those a trusted balancer forwarded."""
+    request = ex.request
+    request_headers = request.headers
+    peer = request.remote or "unknown"
+    earlier = request_headers.getall("X-Forwarded-For", ())
+    headers.append(("X-Forwarded-For", ", ".join([*earlier, peer]) if earlier else peer))
+    trusted = ex.remote is not None  # the peer is a balancer of server.trusted_proxies
+    proto = request_headers.get("X-Forwarded-Proto") if trusted else None
+    headers.append(("X-Forwarded-Proto", proto or request.scheme))
+    host = (request_headers.get("X-Forwarded-Host") if trusted else None) or request_headers.get(
+        "Host"
+    )
+    if host:
+        headers.append(("X-Forwarded-Host", host))
 
 
 def _backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
@@ -122,8 +163,10 @@ def _retry_after(resp: Response) -> float | None:
 
 async def _open(
     up: Upstream, ex: Exchange, target: str, data: bytes | None
-) -> tuple[Response, bytes]:
-    """Send the request; return the answer and its first bytes, or raise Failure."""
+) -> tuple[Response, bytes, Decoder | None]:
+    """Send the request; return the answer, its first bytes (for a stream: up to its
+    first data event) and the decoder of a stream's Content-Encoding, or raise
+    Failure."""
     assert up.pool is not None
     t = up.cfg.timeouts
     loop = up.pool.loop
@@ -138,28 +181,65 @@ async def _open(
             timeout=t.first_byte,
         )
         if resp.status >= 400:
-            body = await resp.read(max(deadline - loop.time(), 0.001))
-            resp.release()
+            body = await _error_body(resp, max(deadline - loop.time(), 0.001))
             raise _http_failure(up, resp, body)
         first = await resp.read_chunk(max(deadline - loop.time(), 0.001))
-        if not first and resp.headers.get("content-type", "").startswith("text/event-stream"):
-            # and never reuse the connection: the backend (llama-cpp-python) closes it next
-            resp.close()
-            raise Failure(
-                "empty",
-                ProxyError(
-                    502,
-                    "The backend ended the stream without sending anything.",
-                    code="upstream_empty",
-                ),
-                True,
-            )
-        return resp, first
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            return resp, first, None
+        decoder = None
+        encoding = content_encoding(resp.headers)
+        if encoding is not None:
+            try:
+                decoder = Decoder(encoding, MAX_EVENT_BYTES)
+                first = decoder.feed(first) if first else decoder.end()
+            except CannotDecode as exc:
+                resp.close()
+                raise Failure("bad_response", undecodable(exc), False) from None
+        # comments (`: ping`) do not commit the answer: a stream is one once its first
+        # event with a field has come
+        while not _has_field(first):
+            more = await resp.read_chunk(max(deadline - loop.time(), 0.001))
+            if decoder is not None:
+                try:
+                    more = decoder.feed(more) if more else decoder.end()
+                except CannotDecode as exc:
+                    resp.close()
+                    raise Failure("bad_response", undecodable(exc), False) from None
+                if not more and not resp.complete:
+                    continue
+            if not more:
+                # and never reuse the connection: the backend (llama-cpp-python)
+                # closes it next
+                resp.close()
+                raise Failure(
+                    "empty",
+                    ProxyError(
+                        502,
+                        "The backend ended the stream without sending any event.",
+                        code="upstream_empty",
+                    ),
+                    True,
+                )
+            first += more
+            if len(first) > MAX_EVENT_BYTES:
+                resp.close()
+                raise Failure(
+                    "bad_response",
+                    ProxyError(
+                        502,
+                        "The backend sent only comments, more than "
+                        f"{MAX_EVENT_BYTES // 1048576} MiB of them.",
+                        code="upstream_bad_response",
+                    ),
+                    False,
+                )
+        return resp, first, decoder
     except Failure:
         raise
     except TimeoutError:
         if resp is not None:
             resp.close()
+        # the backend may be working on it: never sent again
         raise Failure(
             "timeout",
             ProxyError(
@@ -167,18 +247,21 @@ async def _open(
                 f"The backend did not answer within {t.first_byte:g} seconds.",
                 code="upstream_timeout",
             ),
-            True,
+            False,
         ) from None
-    except Disconnected:
-        # most often a pooled keep-alive connection the backend had just closed
+    except Disconnected as exc:
+        # on a reused keep-alive connection, most often one the backend had just closed
+        # as idle: the request surely never reached it, and may go again (as Go's
+        # net/http does); a fresh connection that took the request and closed may
+        # have run it
         raise Failure(
-            "stale",
+            "stale" if exc.reused else "closed",
             ProxyError(
                 502,
                 "The backend closed the connection without answering.",
                 code="upstream_unreachable",
             ),
-            True,
+            exc.reused,
         ) from None
     except ClientError:
         if resp is not None:
@@ -192,7 +275,7 @@ async def _open(
                 else "The backend's answer is not valid HTTP.",
                 code="upstream_reset" if resp is not None else "upstream_bad_response",
             ),
-            True,
+            False,
         ) from None
     except OSError as exc:
         if resp is not None:
@@ -204,12 +287,35 @@ async def _open(
                 f"The backend is unreachable ({type(exc).__name__}).",
                 code="upstream_unreachable",
             ),
-            True,
+            resp is None,  # a connection that could not be made took nothing
         ) from None
     except BaseException:
         if resp is not None:
             resp.close()
         raise
+
+
+def _has_field(data: bytes) -> bool:
+    """Whether SSE bytes hold a line other than a comment or a blank line."""
+    if not data:
+        return False
+    if data[0:1] not in (b":", b"\r", b"\n"):
+        return True
+    for line in data.replace(b"\r", b"\n").split(b"\n"):
+        if line and not line.startswith(b":"):
+            return True
+    return False
+
+
+async def _error_body(resp: Response, timeout: float) -> bytes:
+    """A backend's error body, up to MAX_ERROR_BODY bytes (the rest is never read and
+    the connection not reused)."""
+    try:
+        body = await read_capped(resp, timeout, MAX_ERROR_BODY)
+    except TooLarge:
+        return b""
+    resp.release()
+    return body
 
 
 def _http_failure(up: Upstream, resp: Response, body: bytes) -> Failure:
@@ -262,7 +368,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             attempt += 1
             ex.attempts += 1
             try:
-                resp, first = await _open(
+                resp, first, decoder = await _open(
                     up, ex, up.target(path, ex.request.rel_url.raw_query_string), data
                 )
             except Failure as failure:
@@ -274,11 +380,15 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     continue
                 last = failure
                 ex.log.setdefault("failures", []).append(f"{up.name}:{failure.kind}")
+                if failure.kind != "http_429" and (
+                    failure.retryable or not failure.kind.startswith("http_")
+                ):
+                    up.record(False)  # busy is not broken, and a 4xx is the client's
                 if not failure.retryable:
+                    # an answer to give as it is, or a request that may have reached
+                    # the backend: never sent again, here or elsewhere
                     ex.upstream = up.name
                     raise failure.error from None
-                if failure.kind != "http_429":  # busy is not broken
-                    up.record(False)
                 if up.is_open:
                     break
                 if attempt < up.cfg.retries.attempts:
@@ -290,7 +400,9 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             if ex.attempts > 1:
                 ex.response_headers["x-upstream-attempts"] = str(ex.attempts)
             try:
-                return await relay(ex, up, resp, first, upstreams.keepalive)
+                return await relay(
+                    ex, up, resp, first, upstreams.keepalive, upstreams.max_response_bytes, decoder
+                )
             finally:
                 # back to the pool when read to the end; closed (and so cancelled at
                 # the backend) otherwise
@@ -332,13 +444,27 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
                 "GET", up.target("/models", ""), _forward_headers(ex, up), None, timeout=timeout
             )
             try:
-                body = await resp.read(timeout)
+                cap = MAX_ERROR_BODY if resp.status >= 400 else upstreams.max_response_bytes
+                body = await read_capped(resp, timeout, cap)
             finally:
                 resp.release()
+            encoding = content_encoding(resp.headers)
+            if encoding is not None:
+                body = decode_whole(body, encoding, upstreams.max_response_bytes)
             if resp.status >= 400:
                 errors.append(normalise_backend_error(resp.status, body))
                 continue
             docs.append(jsonfast.loads(body))
+        except TooLarge:
+            errors.append(
+                ProxyError(
+                    502,
+                    "The backend's model list is larger than server.max_response_bytes.",
+                    code="upstream_too_large",
+                )
+            )
+        except CannotDecode as exc:
+            errors.append(undecodable(exc))
         except (TimeoutError, ClientError, OSError, ValueError) as exc:
             errors.append(
                 ProxyError(

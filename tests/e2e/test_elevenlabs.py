@@ -22,6 +22,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend
 
+from proxy.middleware.session import forwarded_id
 from tests.conftest import DONE, Backend, ProxyFactory, chunk, sse_handler, usage_chunk
 
 Client = Any
@@ -159,7 +160,10 @@ async def test_request_as_the_backend_receives_it(
     expected = elevenlabs_request(model="llama3.1:8b", user="user_8f3k2m")
     del expected["elevenlabs_extra_body"], expected["user_id"]
     assert sent == expected  # nothing else changed: tools, stream_options, temperature...
-    assert seen.headers["X-Session-Id"] == CONVERSATION
+    # the backend gets the conversation as an id of this caller's own (another caller
+    # naming the same conversation id reaches it as another session)
+    assert seen.headers["X-Session-Id"] == forwarded_id("ip:127.0.0.1", CONVERSATION)
+    assert seen.headers["X-Session-Id"] != CONVERSATION
     assert resp.headers["X-Session-Id"] == CONVERSATION
     assert resp.headers["Content-Type"] == "text/event-stream"
 

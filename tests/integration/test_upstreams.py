@@ -96,7 +96,7 @@ def upstream(name: str, url: str, extra: str = "") -> str:
 RETRY = "    retries: {attempts: 3, backoff_initial: 0.01, backoff_max: 0.05}\n"
 
 
-@pytest.mark.parametrize("fault", ["reset", "status:503", "status:502", "status:504", "slow"])
+@pytest.mark.parametrize("fault", ["status:503", "status:502", "status:504"])
 async def test_retry_on_the_same_upstream_before_first_byte(
     make_proxy: ProxyFactory, stubs: Any, fault: str
 ) -> None:
@@ -108,6 +108,21 @@ async def test_retry_on_the_same_upstream_before_first_byte(
     assert resp.headers["x-upstream"] == "a"
     assert resp.headers["x-upstream-attempts"] == "2"
     assert stub.hits == 2
+
+
+@pytest.mark.parametrize(("fault", "status"), [("reset", 502), ("slow", 504)])
+async def test_a_request_the_backend_took_is_never_sent_again(
+    make_proxy: ProxyFactory, stubs: Any, fault: str, status: int
+) -> None:
+    # the backend read the request, then reset the connection or took too long: it
+    # may have run it, so neither a retry nor a fallback sends it again
+    a, url_a = await stubs("a", fault)
+    b, url_b = await stubs("b")
+    client = await make_proxy("upstreams:\n" + upstream("a", url_a, RETRY) + upstream("b", url_b))
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == status
+    assert (await resp.json())["error"]["type"] == "api_error"
+    assert a.hits == 1 and b.hits == 0
 
 
 async def test_connection_refused_falls_back_to_next_upstream(
@@ -270,21 +285,40 @@ _ = DONE
 async def test_a_dropped_connection_is_tried_once_more_at_once(
     make_proxy: ProxyFactory, stubs: Any
 ) -> None:
-    # a keep-alive connection the backend closed just as the proxy reused it
-    a, url_a = await stubs("a", "reset")
+    # a keep-alive connection the backend closed just as the proxy reused it: no byte
+    # of an answer came, so it surely never ran the request (Go's net/http resends
+    # it too)
+    a, url_a = await stubs("a", "ok", "reset")
     client = await make_proxy("upstreams:\n" + upstream("a", url_a))  # attempts: 1
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 200  # the connection is now in the pool
     resp = await client.post("/v1/chat/completions", json=chat_body())
     assert resp.status == 200
     assert (await resp.json())["choices"][0]["message"]["content"] == "from a"
-    assert a.hits == 2
+    assert a.hits == 3
+
+
+async def test_a_fresh_connection_dropped_is_not_tried_again(
+    make_proxy: ProxyFactory, stubs: Any
+) -> None:
+    # the backend took the request on a new connection and closed it: it may have run
+    # it, so it is not sent again, whatever the retries say
+    a, url_a = await stubs("a", "reset")
+    client = await make_proxy("upstreams:\n" + upstream("a", url_a, RETRY))
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_unreachable"
+    assert a.hits == 1
 
 
 async def test_a_second_drop_is_an_error(make_proxy: ProxyFactory, stubs: Any) -> None:
-    a, url_a = await stubs("a", "reset", "reset")
+    a, url_a = await stubs("a", "ok", "reset", "reset")
     client = await make_proxy("upstreams:\n" + upstream("a", url_a))
+    assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
     resp = await client.post("/v1/chat/completions", json=chat_body())
+    # dropped on the reused connection, then on the fresh one it was resent on
     assert resp.status == 502
-    assert a.hits == 2
+    assert a.hits == 3
 
 
 async def test_a_backend_traceback_is_logged_not_shown(
