@@ -22,7 +22,8 @@ Errors: `OSError` when connecting fails, `TimeoutError` past a deadline,
 `Disconnected` when the backend closes before the first byte of its answer (its
 `reused` says whether the connection came from the idle pool: on a reused
 connection most often one the backend had just closed as idle), `ResponseError` for
-an answer that is not HTTP/1.x or that ends before its announced end.
+an answer that is not HTTP/1.x or that ends before its announced end, and
+`BodyTooLarge` from `read()` past its `limit`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections import deque
 from typing import cast
 from urllib.parse import quote
 
-__all__ = ["ClientError", "Disconnected", "Pool", "Response", "ResponseError"]
+__all__ = ["BodyTooLarge", "ClientError", "Disconnected", "Pool", "Response", "ResponseError"]
 
 MAX_HEAD = 64 * 1024  # status line and headers
 MAX_CHUNK_LINE = 4096
@@ -69,6 +70,14 @@ class Disconnected(ClientError):
 
 class ResponseError(ClientError):
     """The backend's answer is not valid HTTP/1.x, or ended before its end."""
+
+
+class BodyTooLarge(ClientError):
+    """`Response.read(limit=...)`: the body is larger than `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the backend's answer is larger than {limit} bytes")
+        self.limit = limit
 
 
 def request_target(base_path: str, path: str, raw_query: str) -> str:
@@ -432,13 +441,31 @@ class Response:
             c.transport.resume_reading()
         return data
 
-    async def read(self, timeout: float) -> bytes:
-        """The rest of the body, each wait for more bytes up to `timeout` seconds."""
+    async def read(self, timeout: float, limit: int | None = None) -> bytes:
+        """The rest of the body, each wait for more bytes up to `timeout` seconds.
+
+        With `limit`, a body longer than `limit` bytes raises `BodyTooLarge` and
+        closes the connection (at once when its Content-Length says so)."""
         parts: list[bytes] = []
+        if limit is None:
+            while True:
+                chunk = await self.read_chunk(timeout)
+                if not chunk:
+                    return b"".join(parts)
+                parts.append(chunk)
+        c = self._conn
+        size = 0
+        if c._state == _LENGTH and c._remaining + c._buffered > limit:
+            self.close()
+            raise BodyTooLarge(limit)
         while True:
             chunk = await self.read_chunk(timeout)
             if not chunk:
                 return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise BodyTooLarge(limit)
             parts.append(chunk)
 
     def release(self) -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from proxy.http1 import (
     HIGH_WATER,
+    BodyTooLarge,
     ClientError,
     Disconnected,
     Pool,
@@ -1110,6 +1111,45 @@ def test_bytes_before_the_request_is_written_are_refused() -> None:
     assert transport.closed
     assert isinstance(conn._error, ResponseError)
     assert conn.status == 0 and not conn.reusable()
+
+
+# -- read(limit=...)
+
+
+async def test_read_past_its_limit_raises_body_too_large_and_closes() -> None:
+    big = b"z" * 1000
+
+    async def chunked(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(CHUNKED_HEAD, b"190\r\n" + big[:400] + b"\r\n", pause=0.01)
+        await peer.send(b"258\r\n" + big[:600] + b"\r\n0\r\n\r\n")
+        await peer.until_eof()
+
+    async def length(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(ok(big))
+        await peer.until_eof()
+
+    script = per_connection(chunked, length, answers(ok(big), ok(b"after")))
+    async with serving(script) as (backend, pool):
+        resp = await get(pool)
+        with pytest.raises(BodyTooLarge) as info:
+            await resp.read(1, limit=999)
+        assert info.value.limit == 999 and isinstance(info.value, ClientError)
+        resp.release()  # no effect: already closed
+        await backend.seen_closed(1)
+
+        resp = await get(pool)
+        with pytest.raises(BodyTooLarge):
+            await resp.read(1, limit=999)  # the Content-Length says so: at once
+        await backend.seen_closed(2)
+        assert pool.open_connections == 0
+
+        resp = await get(pool)  # exactly the limit: read, and the connection kept
+        assert await resp.read(1, limit=1000) == big
+        resp.release()
+        assert await fetch(pool) == (200, b"after")
+    assert backend.accepted == 3
 
 
 # -- request_target
