@@ -22,8 +22,9 @@ Errors: `OSError` when connecting fails, `TimeoutError` past a deadline,
 `Disconnected` when the backend closes before the first byte of its answer (its
 `reused` says whether the connection came from the idle pool: on a reused
 connection most often one the backend had just closed as idle), `ResponseError` for
-an answer that is not HTTP/1.x or that ends before its announced end, and
-`BodyTooLarge` from `read()` past its `limit`.
+an answer that is not HTTP/1.x, whose head holds a control character or a malformed
+line, or that ends before its announced end, and `BodyTooLarge` from `read()` past
+its `limit`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,22 @@ MAX_HEAD = 64 * 1024  # status line and headers
 MAX_CHUNK_LINE = 4096
 HIGH_WATER = 1024 * 1024  # body bytes buffered before the backend is paused
 
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_BARE_END = re.compile(rb"\r?\n\r?\n")  # the end of a head whose lines may end in LF alone
 _SAFE_TARGET = re.compile(r"[!$&'()*+,\-./0-9:;=@A-Z_a-z~]*")
+
+# RFC 9110 5.1 and 5.5: a field name is a token; a value holds visible characters,
+# obs-text, spaces and tabs, and no other control character (CR, LF, NUL...). A
+# line ends in CRLF or, as RFC 9112 2.2 allows, in a bare LF; a CR anywhere else is
+# refused, and so is obs-fold (a line that starts with a space or a tab).
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TEXT = r"[\t\x20-\x7e\x80-\xff]*"
+# the whole head, decoded as latin-1, less its blank line: the status line (a reason
+# phrase may be left out) then the header lines
+_HEAD_RE = re.compile(rf"HTTP/1\.([0-9]) ([0-9]{{3}})(?: {_TEXT})?(?:\r?\n{_TOKEN}:{_TEXT})*")
+# the trailer section of a chunked body, each line with its end
+_TRAILERS_RE = re.compile(rf"(?:{_TOKEN}:{_TEXT}\r?\n)*".encode("latin-1"))
+# a chunk size line less its CRLF: the size, then (after optional blanks, RFC 9112
+# 7.1.1) extensions, which are not parsed but may hold no control character
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
 
 # states of the body parser
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -184,74 +198,88 @@ class _Conn(asyncio.Protocol):
     def _parse_head(self, data: bytes) -> bytes:
         head = self._head + data if self._head else data
         while True:
-            end = head.find(b"\r\n\r\n")
-            skip = 4
-            if end < 0 or head.find(b"\n\n", 0, end) >= 0:
-                # a bare LF ends a line too (RFC 9112 allows it; some small servers)
-                bare = _BARE_END.search(head)
-                if bare is not None:
-                    end, skip = bare.start(), bare.end() - bare.start()
-            if end < 0:
+            # the head ends at the first empty line: "\n\r\n" (in CRLFCRLF) or "\n\n"
+            # (a line may end in a bare LF, RFC 9112 2.2; some small servers)
+            lf = head.find(b"\n\r\n")
+            bare = head.find(b"\n\n", 0, lf + 1 if lf >= 0 else len(head))
+            if bare >= 0:
+                lf, skip = bare, 2
+            else:
+                skip = 3
+            if lf < 0:
                 if len(head) > MAX_HEAD:
                     raise ResponseError("the response headers are too long")
                 if not head.startswith(b"HTTP/") and not b"HTTP/".startswith(head):
                     raise ResponseError("the backend's answer is not HTTP/1.x")
                 self._head = head
                 return b""
-            if end > MAX_HEAD:
+            if lf > MAX_HEAD:
                 raise ResponseError("the response headers are too long")
-            text = head[:end].decode("latin-1")
-            lines = text.split("\r\n") if skip == 4 else text.replace("\r\n", "\n").split("\n")
-            head = head[end + skip :]
-            status_line = lines[0].split(" ", 2)
-            if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
-                raise ResponseError("the backend's answer is not HTTP/1.x")
-            code = status_line[1]
-            if len(code) != 3 or not code.isascii() or not code.isdigit():
-                raise ResponseError("the backend's status code is not three digits")
-            status = int(code)
+            stop = lf - 1 if lf and head[lf - 1] == 13 else lf  # less the CR of its CRLF
+            text = head[:stop].decode("latin-1")
+            head = head[lf + skip :]
+            match = _HEAD_RE.fullmatch(text)
+            if match is None:
+                raise ResponseError(_head_fault(text))
+            status = int(match[2])
             if status < 100:
                 raise ResponseError("the backend's status code is out of range")
-            if 100 <= status < 200:
-                if status == 101:  # this client never asks for an upgrade
-                    raise ResponseError("the backend switched protocols unasked")
-                continue  # 100 Continue and other interim answers
+            # the pattern leaves a CR only at the end of a line, after the colon of a
+            # header line: stripped from the value with the blanks
+            lines = text.split("\n")
             headers: dict[str, str] = {}
             for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip():
-                    raise ResponseError("a response header line is malformed")
+                name, _, value = line.partition(":")
                 key = name.lower()
-                value = value.strip()
+                value = value.strip(" \t\r")
                 if key in headers:
                     headers[key] += ", " + value
                 else:
                     headers[key] = value
+            te = headers.get("transfer-encoding")
+            # only chunked: a body in any other coding could not be passed on as is
+            if te is not None and te.lower() != "chunked":
+                raise ResponseError("the backend's transfer-encoding is not supported")
+            length = headers.get("content-length")
+            if length is not None and not (
+                length.isascii() and length.isdigit() and len(length) < 19
+            ):
+                headers["content-length"] = _one_length(length)
+            if status < 200:
+                if status == 101:  # this client never asks for an upgrade
+                    raise ResponseError("the backend switched protocols unasked")
+                continue  # 100 Continue and other interim answers
             self.status = status
-            self.reason = status_line[2] if len(status_line) > 2 else ""
+            status_line = lines[0].rstrip("\r")
+            self.reason = status_line[13:] if len(status_line) > 12 else ""
             self.headers = headers
             self._head = b""
-            if status_line[0] == "HTTP/1.0":
-                self._keep_alive = "keep-alive" in headers.get("connection", "").lower()
-            elif "close" in headers.get("connection", "").lower():
+            connection = headers.get("connection")
+            if connection is not None:
+                connection = connection.lower()
+                if connection != "keep-alive":  # else kept alive, in 1.0 as in 1.1
+                    tokens = {t.strip(" \t") for t in connection.split(",")}
+                    if "close" in tokens or (match[1] == "0" and "keep-alive" not in tokens):
+                        self._keep_alive = False
+            elif match[1] == "0":  # HTTP/1.0: closed after the answer unless kept alive
                 self._keep_alive = False
             self._frame(headers)
             return head
 
     def _frame(self, headers: dict[str, str]) -> None:
+        """The body's framing, from headers `_parse_head` has checked."""
         if not self._expect_body or self.status in (204, 304):
             self._state = _DONE
             return
-        te = headers.get("transfer-encoding")
-        if te is not None:
-            if te.lower().rsplit(",", 1)[-1].strip() != "chunked":
-                raise ResponseError("the backend's transfer-encoding is not supported")
+        if "transfer-encoding" in headers:
+            if "content-length" in headers:
+                # RFC 9112 6.3: chunked wins, but such an answer smells of smuggling;
+                # the connection is not trusted with another request
+                self._keep_alive = False
             self._state = _CHUNK_SIZE
             return
         length = headers.get("content-length")
         if length is not None:
-            if not (length.isascii() and length.isdigit()):
-                raise ResponseError("the backend's content-length is not a number")
             self._remaining = int(length)
             self._state = _LENGTH if self._remaining else _DONE
             return
@@ -305,25 +333,36 @@ class _Conn(asyncio.Protocol):
                     if n - pos > MAX_CHUNK_LINE:
                         raise ResponseError("a chunk size line is too long")
                     break
-                size = buf[pos:eol].split(b";", 1)[0].strip()
-                if not _HEX.fullmatch(size):
+                line = _CHUNK_LINE.fullmatch(buf, pos, eol)
+                if line is None:
                     raise ResponseError("a chunk size of the backend's answer is malformed")
-                self._remaining = int(size, 16)
+                self._remaining = int(line[1], 16)
                 pos = eol + 2
                 state = _CHUNK_DATA if self._remaining else _TRAILERS
             elif state == _TRAILERS:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    if n - pos > MAX_HEAD:
-                        raise ResponseError("the response trailers are too long")
-                    break
-                if eol == pos:
+                # header lines (dropped, but checked as a head's are) to an empty line
+                if buf.startswith(b"\r\n", pos):
                     pos += 2
-                    state = _DONE
-                    if pos < n:
-                        self._keep_alive = False
-                    break
-                pos = eol + 2
+                elif buf.startswith(b"\n", pos):
+                    pos += 1
+                else:
+                    lf = buf.find(b"\n\r\n", pos)
+                    bare = buf.find(b"\n\n", pos, lf + 1 if lf >= 0 else n)
+                    if bare >= 0:
+                        lf, skip = bare, 2
+                    else:
+                        skip = 3
+                    if lf < 0:
+                        if n - pos > MAX_HEAD:
+                            raise ResponseError("the response trailers are too long")
+                        break
+                    if _TRAILERS_RE.fullmatch(buf, pos, lf + 1) is None:
+                        raise ResponseError("a response trailer line is malformed")
+                    pos = lf + skip
+                state = _DONE
+                if pos < n:
+                    self._keep_alive = False
+                break
             else:
                 break
         self._state = state
@@ -401,6 +440,37 @@ class _Conn(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = re.compile(r"HTTP/1\.[0-9] ")
+_CODE = re.compile(r"HTTP/1\.[0-9] [0-9]{3}(?:[ \r\n]|$)")
+
+
+def _head_fault(text: str) -> str:
+    """Why a head that `_HEAD_RE` refused is wrong (off the fast path)."""
+    if not _STATUS.match(text):
+        return "the backend's answer is not HTTP/1.x"
+    if not _CODE.match(text):
+        return "the backend's status code is not three digits"
+    if _CONTROL.search(text.replace("\r\n", "").replace("\n", "")):
+        return "a response header holds a control character"
+    return "a response header line is malformed"
+
+
+def _one_length(value: str) -> str:
+    """A Content-Length other than plain digits: one value repeated ("5, 5", or the
+    field sent twice; RFC 9110 8.6 lets a recipient take it as one) is that value;
+    anything else is an error."""
+    values = {v.strip(" \t") for v in value.split(",")}
+    if len(values) != 1:
+        raise ResponseError("the backend's content-length values conflict")
+    length = values.pop()
+    if not (length.isascii() and length.isdigit()):
+        raise ResponseError("the backend's content-length is not a number")
+    if len(length) > 18:
+        raise ResponseError("the backend's content-length is too large")
+    return length
 
 
 class Response:

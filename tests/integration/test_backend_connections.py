@@ -15,8 +15,9 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, chat_body, completion
 
 _REQUEST_LINE = re.compile(rb"[A-Z]+ /\S* HTTP/1\.1")
 
@@ -130,6 +131,15 @@ upstreams:
 """
 
 
+def assert_openai_error(doc: Any, code: str) -> None:
+    assert isinstance(doc, dict) and set(doc) == {"error"}, doc
+    err = doc["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in err["message"]
+    assert err["code"] == code, err
+
+
 async def test_an_early_answer_to_a_large_body_is_never_followed_on_its_connection(
     make_proxy: ProxyFactory,
 ) -> None:
@@ -170,3 +180,45 @@ async def test_an_early_answer_to_a_large_body_is_never_followed_on_its_connecti
     # the backend got each request whole, none after the big body's first connection
     assert [r.headers["x-marker"] for r in backend.requests] == [f"client-{i}" for i in range(5)]
     assert all(r.connection != 0 for r in backend.requests)
+
+
+BAD_HEADERS = [
+    b"X-Bad: a\x00b",  # NUL
+    b"X-Bad: a\rb",  # a bare CR
+    # in a header the proxy passes on to its client
+    b"Content-Type: application/json\rX-Injected: 1",
+    b"Content-Type: application/json\x00",
+    b"X-Bad: a\x1b[2Jb",  # an escape sequence
+    b"X-B\x7fad: 1",  # DEL in a name
+    b"X Bad: 1",  # a name that is no token
+]
+
+
+async def test_a_header_with_a_control_character_gives_502_and_the_proxy_serves_on(
+    make_proxy: ProxyFactory,
+) -> None:
+    def respond(request: Request) -> bytes:
+        case = request.headers.get("x-case")
+        if case is not None:
+            return answer(b"200 OK", json.dumps(completion()).encode(), BAD_HEADERS[int(case)])
+        doc = json.loads(request.body)
+        text = doc["messages"][0]["content"]
+        return answer(b"200 OK", json.dumps(completion(f"You said: {text}")).encode())
+
+    backend = RawBackend(respond)
+    async with backend.running():
+        client = await make_proxy(config(backend))
+        for case in range(len(BAD_HEADERS)):
+            resp = await client.post(
+                "/v1/chat/completions", json=chat_body(), headers={"X-Case": str(case)}
+            )
+            assert resp.status == 502, (BAD_HEADERS[case], await resp.text())
+            assert resp.headers["Content-Type"].startswith("application/json")
+            assert "X-Bad" not in resp.headers
+            assert_openai_error(await resp.json(), "upstream_bad_response")
+
+            resp = await client.post("/v1/chat/completions", json=chat_body(f"round {case}"))
+            assert resp.status == 200, await resp.text()
+            doc = await resp.json()
+            assert doc["choices"][0]["message"]["content"] == f"You said: round {case}"
+    assert len(backend.requests) >= 2 * len(BAD_HEADERS)

@@ -1113,6 +1113,155 @@ def test_bytes_before_the_request_is_written_are_refused() -> None:
     assert conn.status == 0 and not conn.reusable()
 
 
+# -- control characters and malformed names in the backend's head
+
+BAD_HEADS = [
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\rb\r\nContent-Length: 0\r\n\r\n",  # a bare CR in a value
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\r\r\nContent-Length: 0\r\n\r\n",  # CR CR LF
+    b"HTTP/1.1 200 OK\rX-Bad: a\r\nContent-Length: 0\r\n\r\n",  # a bare CR as a line end
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x0bb\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x1fb\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x7fb\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: \x1b[31mred\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX\x00Bad: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX Bad: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX(Bad): a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX/Bad: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-B\xe9d: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\tX-Bad: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\tfolded\r\nContent-Length: 0\r\n\r\n",  # obs-fold
+    b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",  # in the reason phrase
+    b"HTTP/1.1 200 O\rK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\nX-Bad: a\x00b\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Bad: a\x00b\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nbad trailer\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=\x00\r\nhi\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;a\rb\r\nhi\r\n0\r\n\r\n",
+]
+
+
+async def test_control_characters_and_bad_names_raise_response_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(BAD_HEADS[peer.index])
+        await peer.until_eof()
+
+    async with serving(script) as (backend, pool):
+        for wire in BAD_HEADS:
+            with pytest.raises(ResponseError):
+                resp = await get(pool)
+                try:
+                    await resp.read(1)
+                finally:
+                    resp.release()
+            assert pool.open_connections == 0, wire
+        await backend.seen_closed(len(BAD_HEADS))
+
+
+async def test_tabs_obs_text_and_blanks_in_values() -> None:
+    head = (
+        b"HTTP/1.1 200 \xc9t\xe9\tok\r\n"
+        b"X-Tab: a\tb\r\n"
+        b"X-Text: caf\xe9 \x80\xff\r\n"
+        b"X-Nbsp: \xa0v\xa0\r\n"  # U+00A0 is no blank to HTTP: kept
+        b"X-Blanks: \t v \t\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    async with serving(answers(head)) as (_, pool):
+        resp = await get(pool)
+        assert resp.reason == "\xc9t\xe9\tok"
+        assert resp.headers["x-tab"] == "a\tb"
+        assert resp.headers["x-text"] == "caf\xe9 \x80\xff"  # latin-1, as they came
+        assert resp.headers["x-nbsp"] == "\xa0v\xa0"
+        assert resp.headers["x-blanks"] == "v"
+        resp.release()
+
+
+async def test_a_head_ends_at_its_first_empty_line_whatever_the_line_ends() -> None:
+    async with serving(
+        answers(
+            # a bare LF, then CRLF for the empty line; the body holds CRLFCRLF
+            b"HTTP/1.1 200 OK\nContent-Length: 8\n\r\nbody\r\n\r\n",
+            # CRLF lines and one bare LF in between: two headers, not one with an LF
+            b"HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\nContent-Length: 2\r\n\r\nok",
+        )
+    ) as (backend, pool):
+        resp = await get(pool)
+        assert resp.headers == {"content-length": "8"}
+        assert await resp.read(1) == b"body\r\n\r\n"
+        resp.release()
+        resp = await get(pool)
+        assert resp.headers == {"x-a": "1", "x-b": "2", "content-length": "2"}
+        assert await resp.read(1) == b"ok"
+        resp.release()
+    assert backend.accepted == 1
+
+
+async def test_framing_headers_are_checked_as_rfc_9112_asks() -> None:
+    async with serving(
+        answers(
+            # one length sent twice, or twice in one field: that length
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2 , 2\r\n\r\ncd",
+            # chunked and a length: chunked wins, and the connection is not kept
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"2\r\nef\r\n0\r\n\r\n",
+            ok(b"gh"),
+        )
+    ) as (backend, pool):
+        for expected in (b"ab", b"cd"):
+            resp = await get(pool)
+            assert resp.headers["content-length"] == "2"
+            assert await resp.read(1) == expected
+            resp.release()
+        assert await fetch(pool) == (200, b"ef")
+        assert await fetch(pool) == (200, b"gh")
+    assert backend.accepted == 2
+
+    refused = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 02\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 19 + b"\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: x\r\n\r\n",  # checked with no body too
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 2\r\nab\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 17 + b"\r\n",
+    ]
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(refused[peer.index])
+        await peer.until_eof()
+
+    async with serving(script) as (backend, pool):
+        for wire in refused:
+            with pytest.raises(ResponseError):
+                resp = await get(pool)
+                try:
+                    await resp.read(1)
+                finally:
+                    resp.release()
+            assert pool.open_connections == 0, wire
+
+
+async def test_connection_tokens_decide_keep_alive() -> None:
+    async with serving(
+        answers(
+            ok(b"1", b"Connection: Keep-Alive, x-close"),  # no close token: kept
+            ok(b"2", b"Connection: x-trace, CLOSE"),  # close among others: closed
+            b"HTTP/1.0 200 OK\r\nConnection: x, keep-alive\r\nContent-Length: 1\r\n\r\n3",
+            ok(b"4"),
+        )
+    ) as (backend, pool):
+        for n in (b"1", b"2", b"3", b"4"):
+            assert await fetch(pool) == (200, n)
+    assert backend.accepted == 2
+
+
 # -- read(limit=...)
 
 
