@@ -4,6 +4,9 @@
   and logs why; requests in flight finish on the chain they started with.
 - SIGTERM/SIGINT: stop accepting, /readyz answers 503, streams in flight get up to
   `server.drain_seconds` to finish, pending session writes are flushed, exit 0.
+- Client connections are bounded by `server.timeouts` (proxy/inbound.py): a slow
+  request head or body gets a 408, an idle connection is closed, a client that takes
+  nothing of its answer is dropped.
 - `--workers N`: N processes bind the same port with SO_REUSEPORT; the parent
   forwards signals and waits for them.
 """
@@ -25,6 +28,7 @@ from aiohttp import web
 
 from proxy.app import STATE, Runtime, build_app, build_runtime, start_runtime, stop_runtime
 from proxy.config import ConfigError, LoadedConfig, load
+from proxy.inbound import LimitedRunner
 
 log = logging.getLogger("chat_proxy")
 
@@ -75,7 +79,8 @@ async def _run(
     config: LoadedConfig, host: str, port: int, reuse_port: bool, path: str | None
 ) -> None:
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+    # client connections bounded by server.timeouts; handlers cancelled when clients go
+    runner = LimitedRunner(app, config.server.timeouts, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
