@@ -99,9 +99,10 @@ def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
     more = ex.upstream_drop_headers
     if extra:
         more = more | {k.lower() for k in extra}
-    connection = request_headers.get("Connection")
-    if connection is not None:
-        named = {t.strip().lower() for t in connection.split(",")} - _CONNECTION_OPTIONS
+    if "Connection" in request_headers:
+        named = {
+            t.strip().lower() for v in request_headers.getall("Connection") for t in v.split(",")
+        } - _CONNECTION_OPTIONS
         if named:
             more = more | named
     if more:

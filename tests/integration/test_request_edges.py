@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests import rawhttp
 from tests.conftest import BASIC, Backend, ProxyFactory, json_handler
+from tests.rawhttp import error, raw, read_answer
 
 KEY = "sk-edges-limited-1f9a"
 FREE = "sk-edges-free-72bc"
@@ -53,68 +55,9 @@ middleware:
 )
 
 
-async def raw(
-    port: int, data: bytes, *, read_timeout: float = 10
-) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes as they are on a fresh connection; read one whole answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await read_answer(reader, read_timeout)
-    finally:
-        writer.close()
-
-
-async def read_answer(
-    reader: asyncio.StreamReader, timeout: float = 10
-) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-    body = b""
-    if "content-length" in headers:
-        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), timeout)
-    elif headers.get("transfer-encoding") == "chunked":
-        while True:
-            size = int((await asyncio.wait_for(reader.readline(), timeout)).strip(), 16)
-            data = await asyncio.wait_for(reader.readexactly(size + 2), timeout)
-            if size == 0:
-                break
-            body += data[:-2]
-    return status, headers, body
-
-
-def request(
-    method: str,
-    target: str,
-    body: bytes = b"",
-    *,
-    ctype: str | None = "application/json",
-    key: str | None = KEY,
-    extra: tuple[str, ...] = (),
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-    if key is not None:
-        lines.append(f"Authorization: Bearer {key}")
-    if ctype is not None:
-        lines.append(f"Content-Type: {ctype}")
-    lines.extend(extra)
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-def error(body: bytes) -> dict[str, Any]:
-    doc = json.loads(body)
-    assert set(doc) == {"error"}
-    err: dict[str, Any] = doc["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
+def request(method: str, target: str, body: bytes = b"", **kwargs: Any) -> bytes:
+    kwargs.setdefault("key", KEY)
+    return rawhttp.request(method, target, body, **kwargs)
 
 
 def echo_model(backend: Backend) -> None:
