@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.app import build_app
 from proxy.config import load_text
 from proxy.errors import OPENAI_TYPES
+from proxy.inbound import LimitedRunner
 from tests.conftest import metric  # noqa: F401  (used by the hardening tests)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,7 +235,9 @@ class ThreadedProxy:
         self.thread.start()
 
         async def up() -> int:
-            self.runner = web.AppRunner(build_app(self.config), access_log=None)
+            self.runner = LimitedRunner(
+                build_app(self.config), self.config.server.timeouts, access_log=None
+            )
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
             await site.start()
