@@ -216,7 +216,10 @@ async def _open(
                     "empty",
                     ProxyError(
                         502,
-                        "The backend ended the stream without sending any event.",
+                        "The backend ended the stream without sending anything."
+                        if not first
+                        else "The backend ended the stream without sending any event "
+                        "(only comments).",
                         code="upstream_empty",
                     ),
                     True,
