@@ -322,6 +322,8 @@ class _Conn(asyncio.Protocol):
                     state = _CHUNK_CRLF
             elif state == _CHUNK_CRLF:
                 if n - pos < 2:
+                    if buf[pos] != 13:  # not even the CR: no need to wait for the LF
+                        raise ResponseError("a chunk of the backend's answer is malformed")
                     break
                 if buf[pos : pos + 2] != b"\r\n":
                     raise ResponseError("a chunk of the backend's answer is malformed")
