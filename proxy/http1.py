@@ -37,7 +37,15 @@ from collections import deque
 from typing import cast
 from urllib.parse import quote
 
-__all__ = ["BodyTooLarge", "ClientError", "Disconnected", "Pool", "Response", "ResponseError"]
+__all__ = [
+    "BodyTooLarge",
+    "ClientError",
+    "ConnectTimeout",
+    "Disconnected",
+    "Pool",
+    "Response",
+    "ResponseError",
+]
 
 MAX_HEAD = 64 * 1024  # status line and headers
 MAX_CHUNK_LINE = 4096
@@ -76,10 +84,20 @@ class Disconnected(ClientError):
     reached it), False on a fresh connection (which did take the request)."""
 
     def __init__(
-        self, message: str = "the backend closed the connection", *, reused: bool = False
+        self,
+        message: str = "the backend closed the connection",
+        *,
+        reused: bool = False,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.reused = reused
+        self.sent = sent  # False: lost before the request was handed to the transport
+
+
+class ConnectTimeout(TimeoutError):
+    """No connection could be had within the deadline (every place in the pool was
+    taken, or connecting took too long): the request was never sent."""
 
 
 class ResponseError(ClientError):
@@ -189,7 +207,7 @@ class _Conn(asyncio.Protocol):
             self._keep_alive = False
             self._wake()
         elif self._state == _HEAD and not self._head:
-            self._set_error(Disconnected(reused=self.reused))
+            self._set_error(Disconnected(reused=self.reused, sent=self._sent))
         elif self._state != _DONE:
             self._set_error(ResponseError("the backend closed the connection early"))
 
@@ -606,7 +624,10 @@ class Pool:
         if self._closed:
             raise ClientError("the connection pool is closed")
         deadline = self.loop.time() + timeout
-        conn = await self._acquire(deadline)
+        try:
+            conn = await self._acquire(deadline)
+        except TimeoutError:
+            raise ConnectTimeout() from None
         try:
             lines = [f"{method} {target} HTTP/1.1", "Host: " + self.host_header]
             lines.extend(f"{k}: {v}" for k, v in headers)

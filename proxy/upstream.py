@@ -19,7 +19,7 @@ from proxy import jsonfast
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
-from proxy.http1 import ClientError, Disconnected, Response
+from proxy.http1 import ClientError, ConnectTimeout, Disconnected, Response
 from proxy.relay import MAX_EVENT_BYTES, TooLarge, read_capped, relay
 from proxy.routing import Upstream, Upstreams
 
@@ -240,6 +240,17 @@ async def _open(
         return resp, first, decoder
     except Failure:
         raise
+    except ConnectTimeout:
+        # no connection in time: the request never left, and may go again
+        raise Failure(
+            "connect_timeout",
+            ProxyError(
+                504,
+                f"No connection to the backend could be had within {t.first_byte:g} seconds.",
+                code="upstream_timeout",
+            ),
+            True,
+        ) from None
     except TimeoutError:
         if resp is not None:
             resp.close()
@@ -259,13 +270,13 @@ async def _open(
         # net/http does); a fresh connection that took the request and closed may
         # have run it
         raise Failure(
-            "stale" if exc.reused else "closed",
+            "stale" if exc.reused or not exc.sent else "closed",
             ProxyError(
                 502,
                 "The backend closed the connection without answering.",
                 code="upstream_unreachable",
             ),
-            exc.reused,
+            exc.reused or not exc.sent,
         ) from None
     except ClientError:
         if resp is not None:

@@ -125,6 +125,22 @@ async def test_a_request_the_backend_took_is_never_sent_again(
     assert a.hits == 1 and b.hits == 0
 
 
+async def test_no_connection_in_time_falls_back(make_proxy: ProxyFactory, stubs: Any) -> None:
+    # every place of a's pool is held by a stream: the next request never left, so
+    # it goes to b
+    a, url_a = await stubs("a", "stall")
+    b, url_b = await stubs("b")
+    text = "upstreams:\n" + upstream("a", url_a, "    max_connections: 1\n") + upstream("b", url_b)
+    client = await make_proxy(text)
+    holder = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert holder.status == 200
+    resp = await client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 200
+    assert resp.headers["x-upstream"] == "b"
+    assert a.hits == 1 and b.hits == 1
+    await holder.read()
+
+
 async def test_connection_refused_falls_back_to_next_upstream(
     make_proxy: ProxyFactory, stubs: Any
 ) -> None:
