@@ -67,6 +67,7 @@ class ClientConnection(RequestHandler):
 
     __slots__ = (
         "_body",
+        "_head_started",
         "_head_timer",
         "_header_timeout",
         "_send_buffered",
@@ -81,6 +82,7 @@ class ClientConnection(RequestHandler):
         self._header_timeout = header_timeout
         self._send_timeout = send_timeout
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None  # when the head now due began
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_buffered = 0
         # the body of the last request head parsed (None: no head yet); the next byte
@@ -97,40 +99,54 @@ class ClientConnection(RequestHandler):
 
     # -- the request head --
 
+    # The deadline of a head is kept as its start time, read by one timer per
+    # connection that re-arms itself only while a head is due: a kept-alive
+    # connection's requests cost no timer of their own (a timer armed and cancelled
+    # per request costs about 4% of a relayed request).
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        # until its first head, a connection is governed by the header deadline, not
-        # by the keep-alive timer aiohttp starts here
-        self._cancel_keepalive()
-        self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
+        self._head_started = self._loop.time()
+        self._head_timer = self._loop.call_later(self._header_timeout, self._check_head)
 
     def data_received(self, data: bytes) -> None:
         if (
-            self._head_timer is None
+            self._head_started is None
             and (self._body is None or self._body.is_eof())
             and data
             and not (self._close or self._force_close or self._upgraded)
         ):
-            # the first byte of the next request: its head has `header` seconds, and the
-            # connection is no longer idle
-            self._cancel_keepalive()
-            self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
+            # the first byte of the next request: its head has `header` seconds
+            self._head_started = self._loop.time()
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_later(self._header_timeout, self._check_head)
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._head_started = None
             if self._messages:
                 self._body = self._messages[-1][1]
 
-    def _cancel_keepalive(self) -> None:
-        if self._keepalive_handle is not None:
-            self._keepalive_handle.cancel()
+    def _process_keepalive(self) -> None:
+        if self._head_started is not None:
+            # a head is arriving: the connection is not idle, its deadline governs
             self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
+    def _check_head(self) -> None:
+        self._head_timer = None
+        started = self._head_started
+        if started is None:
+            return
+        due = started + self._header_timeout
+        if self._loop.time() < due:
+            self._head_timer = self._loop.call_at(due, self._check_head)
+            return
+        self._head_expired()
 
     def _head_expired(self) -> None:
-        self._head_timer = None
+        self._head_started = None
         transport = self.transport
         if transport is None or self._force_close:
             return

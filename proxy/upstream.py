@@ -131,16 +131,22 @@ def _forwarded(ex: Exchange, headers: list[tuple[str, str]]) -> None:
     request = ex.request
     request_headers = request.headers
     peer = request.remote or "unknown"
-    earlier = request_headers.getall("X-Forwarded-For", ())
-    headers.append(("X-Forwarded-For", ", ".join([*earlier, peer]) if earlier else peer))
-    trusted = ex.remote is not None  # the peer is a balancer of server.trusted_proxies
-    proto = request_headers.get("X-Forwarded-Proto") if trusted else None
-    headers.append(("X-Forwarded-Proto", proto or request.scheme))
-    host = (request_headers.get("X-Forwarded-Host") if trusted else None) or request_headers.get(
-        "Host"
-    )
+    if "X-Forwarded-For" in request_headers:
+        peer = ", ".join([*request_headers.getall("X-Forwarded-For"), peer])
+    host = request_headers.get("Host")
+    if ex.remote is not None:  # the peer is a balancer of server.trusted_proxies
+        proto = request_headers.get("X-Forwarded-Proto") or request.scheme
+        host = request_headers.get("X-Forwarded-Host") or host
+    else:
+        proto = request.scheme
     if host:
-        headers.append(("X-Forwarded-Host", host))
+        headers += (
+            ("X-Forwarded-For", peer),
+            ("X-Forwarded-Proto", proto),
+            ("X-Forwarded-Host", host),
+        )
+    else:
+        headers += (("X-Forwarded-For", peer), ("X-Forwarded-Proto", proto))
 
 
 def _backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
