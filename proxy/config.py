@@ -16,9 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 ENV_VAR = "CHAT_PROXY_CONFIG"
+# set by `serve --workers N` in each worker: N
+WORKERS_ENV = "CHAT_PROXY_WORKERS"
 
 
 class ConfigError(Exception):
@@ -109,6 +118,23 @@ class Circuit(Model):
     cooldown: float = Field(30, gt=0)
 
 
+class UpstreamTls(Model):
+    """TLS towards an https:// upstream: a CA bundle to trust instead of the system's,
+    a client certificate and key (mTLS), or no verification at all."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None  # PEM; may hold the key too
+    key_file: str | None = None
+    verify: bool = True
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("cert_file") is None:
+            raise ValueError("needs cert_file (the client certificate it belongs to)")
+        return value
+
+
 class UpstreamConfig(Model):
     name: str = Field(min_length=1)
     url: str = Field(min_length=1)
@@ -119,6 +145,11 @@ class UpstreamConfig(Model):
     retries: Retries = Retries()
     circuit: Circuit = Circuit()
     max_connections: int = Field(100, gt=0)
+    # which backend client: the proxy's own HTTP/1.1 client, or aiohttp's
+    client: Literal["http1", "aiohttp"] = "http1"
+    tls: UpstreamTls = UpstreamTls()
+    # an idle backend connection is closed after this many seconds
+    idle_seconds: float = Field(15, gt=0)
 
     @field_validator("url")
     @classmethod

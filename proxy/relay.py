@@ -12,11 +12,12 @@ import aiohttp
 from aiohttp import web
 
 from proxy import jsonfast, sse
+from proxy.backend import BackendResponse as Response
+from proxy.backend import ClientError
 from proxy.completion import Accumulator
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
 from proxy.exchange import EventTransform, Exchange
-from proxy.http1 import ClientError, Response
 from proxy.metrics import STREAMS
 from proxy.routing import Upstream
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from yarl import URL
 
-from proxy.config import UpstreamConfig
-from proxy.http1 import Pool, request_target
+from proxy.backend import BackendClient, request_target
+from proxy.backend.aiohttp_client import AiohttpClient
+from proxy.backend.http1 import Pool
+from proxy.config import UpstreamConfig, UpstreamTls
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -29,7 +32,7 @@ class Upstream:
         self.cfg = cfg
         self.name = cfg.name
         self.base = URL(cfg.url) if not cfg.url.startswith("echo:") else URL("http://127.0.0.1")
-        self.pool: Pool | None = None
+        self.pool: BackendClient | None = None
         self.failures = 0
         self.open_until = 0.0
         self._probed_at = -10.0
@@ -110,13 +113,28 @@ class Upstream:
             from proxy.echo import start_echo
 
             self.base = await start_echo(self.cfg.url)
-        self.pool = Pool(
-            self.base.scheme,
-            self.base.raw_host or "127.0.0.1",
-            self.base.port,
-            limit=self.cfg.max_connections,
-            connect_timeout=self.cfg.timeouts.connect,
-        )
+        scheme, host, port = self.base.scheme, self.base.raw_host or "127.0.0.1", self.base.port
+        ssl_context = tls_context(self.cfg.tls) if scheme == "https" else None
+        if self.cfg.client == "aiohttp":
+            self.pool = AiohttpClient(
+                scheme,
+                host,
+                port,
+                limit=self.cfg.max_connections,
+                connect_timeout=self.cfg.timeouts.connect,
+                idle_seconds=self.cfg.idle_seconds,
+                ssl_context=ssl_context,
+            )
+        else:
+            self.pool = Pool(
+                scheme,
+                host,
+                port,
+                limit=self.cfg.max_connections,
+                connect_timeout=self.cfg.timeouts.connect,
+                idle_seconds=self.cfg.idle_seconds,
+                ssl_context=ssl_context,
+            )
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -126,6 +144,18 @@ class Upstream:
             from proxy.echo import stop_echo
 
             await stop_echo(self.base)
+
+
+def tls_context(tls: UpstreamTls) -> ssl.SSLContext:
+    """The TLS context of an https:// upstream: the system's CAs or `ca_file`'s, the
+    client certificate and key when given, no verification when `verify` is false."""
+    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class Upstreams:

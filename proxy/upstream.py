@@ -16,10 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from proxy import jsonfast
+from proxy.backend import BackendResponse as Response
+from proxy.backend import ClientError, ConnectTimeout, Disconnected
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
-from proxy.http1 import ClientError, ConnectTimeout, Disconnected, Response
 from proxy.relay import MAX_EVENT_BYTES, TooLarge, read_capped, relay
 from proxy.routing import Upstream, Upstreams
 

@@ -1,4 +1,4 @@
-"""proxy/http1.py's response parser against h11's, on the same bytes.
+"""proxy/backend/http1's response parser against h11's, on the same bytes.
 
 Each backend answer goes to both parsers. Ours is driven the way the event loop
 drives it, through `_Conn.data_received` and `_Conn.connection_lost`, with the
@@ -11,7 +11,7 @@ decide once the body is read (`_Conn.reusable()`), for h11 both sides DONE with
 nothing left over.
 
 Where this client differs from h11 by design, the comparison says so, case by case
-(`Differs`), with the reason; any other disagreement is a bug in proxy/http1.py.
+(`Differs`), with the reason; any other disagreement is a bug in proxy/backend/http1.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.http1 import _DONE, _HEAD, MAX_HEAD, _Conn
+from proxy.backend.http1.connection import _Conn
+from proxy.backend.http1.parser import _DONE, _HEAD, MAX_HEAD
 
 
 class Differs(enum.Enum):

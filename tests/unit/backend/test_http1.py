@@ -23,17 +23,9 @@ from typing import Any
 
 import pytest
 
-from proxy.http1 import (
-    HIGH_WATER,
-    BodyTooLarge,
-    ClientError,
-    Disconnected,
-    Pool,
-    Response,
-    ResponseError,
-    _Conn,
-    request_target,
-)
+from proxy.backend import BodyTooLarge, ClientError, Disconnected, ResponseError, request_target
+from proxy.backend.http1 import Pool, Response
+from proxy.backend.http1.connection import HIGH_WATER, _Conn
 
 # -- the scripted server
 
@@ -635,10 +627,10 @@ async def test_an_idle_connection_reset_by_the_backend_raises_disconnected_reuse
         assert pool.open_connections == 0
 
 
-async def test_idle_connections_expire_after_keepalive_seconds() -> None:
-    async with serving(answers(ok(b"1"), ok(b"2"), ok(b"3")), keepalive=0.05) as (backend, pool):
+async def test_idle_connections_expire_after_idle_seconds() -> None:
+    async with serving(answers(ok(b"1"), ok(b"2"), ok(b"3")), idle_seconds=0.05) as (backend, pool):
         assert await fetch(pool) == (200, b"1")
-        assert await fetch(pool) == (200, b"2")  # within keepalive: reused
+        assert await fetch(pool) == (200, b"2")  # within idle_seconds: reused
         assert backend.accepted == 1
         await asyncio.sleep(0.08)
         assert await fetch(pool) == (200, b"3")
