@@ -9,56 +9,115 @@ validated and built once, at start-up or reload, never per request.
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import LoadedConfig, MiddlewareEntry, validation_errors
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.routes import Route
+
+if TYPE_CHECKING:
+    from proxy.store.base import SessionStore
+
+
+Hook = Callable[[], Awaitable[None]]
+# a check of the request that raises ProxyError to refuse it
+Check = Callable[[Exchange], object]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """What a middleware type contributes to the application: its middleware, its
+    routes (answered by their own terminal at the end of the chain), hooks run when
+    the application starts and stops, checks at two points of a request, and state
+    to hand to the same feature in the chain that replaces this one on a reload."""
+
+    middleware: Middleware
+    routes: tuple[Route, ...] = ()
+    startup: tuple[Hook, ...] = ()
+    shutdown: tuple[Hook, ...] = ()
+    # before a client that sent `Expect: 100-continue` is asked for its body
+    before_body: tuple[Check, ...] = ()
+    # just before the request leaves for the backend, once every middleware that
+    # may change it has run (auth's model allowlist)
+    before_upstream: tuple[Check, ...] = ()
+    handoff: object | None = None
 
 
 @dataclass
 class BuildContext:
-    """What a middleware factory may use: the whole config, the store, and hooks run
-    when the application starts and stops."""
+    """What a middleware factory may use: the whole config, the store the
+    application opened, and what the chain this one replaces handed on."""
 
     config: LoadedConfig
-    store: Any = None
-    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    services: dict[str, Any] = field(default_factory=dict)
-    # checks run before a client that sent `Expect: 100-continue` is asked for its
-    # body (auth's key and scope check): a refusal goes out without reading it
-    before_body: list[Callable[[Exchange], object]] = field(default_factory=list)
-    # the services of the chain this one replaces (a reload), for state that must
-    # outlive it: the in-process rate limiter's counters
-    previous: dict[str, Any] = field(default_factory=dict)
+    store: SessionStore | None = None
+    # the hand-offs of the chain this one replaces (a reload), by their type
+    previous: tuple[object, ...] = ()
+
+    def inherit(self, kind: type[T]) -> T | None:
+        """The replaced chain's hand-off of this type, if it had one."""
+        for item in self.previous:
+            if isinstance(item, kind):
+                return item
+        return None
 
 
-Factory = Callable[[Any, BuildContext], Middleware]
+@dataclass(frozen=True)
+class Chain:
+    """A built chain: each entry's name and feature, top of the list first."""
+
+    entries: tuple[tuple[str, Feature], ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.entries]
+
+    @property
+    def middlewares(self) -> list[Middleware]:
+        return [f.middleware for _, f in self.entries]
+
+    def collect(self, attr: str) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for _, feature in self.entries:
+            out.extend(getattr(feature, attr))
+        return tuple(out)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return cast(tuple[Route, ...], self.collect("routes"))
+
+    @property
+    def handoffs(self) -> tuple[object, ...]:
+        return tuple(f.handoff for _, f in self.entries if f.handoff is not None)
+
+
+# a factory returns its middleware alone, or the Feature it contributes
+Factory = Callable[[Any, BuildContext], "Middleware | Feature"]
 
 
 @dataclass(frozen=True)
 class Registered:
     factory: Factory
     options: type[BaseModel] | None
-    changes_response: bool = False
+    # types this one should stand after, each with what goes wrong otherwise
+    after: tuple[tuple[str, str], ...] = ()
 
 
 _REGISTRY: dict[str, Registered] = {}
 
 
 def register(
-    name: str, options: type[BaseModel] | None = None, *, changes_response: bool = False
+    name: str, options: type[BaseModel] | None = None, *, after: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[Factory], Factory]:
     """Register a built-in middleware type under `name`."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[name] = Registered(factory, options, changes_response)
+        _REGISTRY[name] = Registered(factory, options, after)
         return factory
 
     return deco
@@ -127,20 +186,20 @@ def resolve_entries(raw: list[Any]) -> tuple[tuple[MiddlewareEntry, ...], list[s
     return tuple(entries), errors
 
 
-def build_middlewares(ctx: BuildContext) -> list[tuple[str, Middleware]]:
+def build_chain(ctx: BuildContext) -> Chain:
     """Call every factory of the chain, top of the list first."""
     from proxy.config import ConfigError
 
     _load_builtins()
-    built: list[tuple[str, Middleware]] = []
+    built: list[tuple[str, Feature]] = []
     errors: list[str] = []
     for i, entry in enumerate(ctx.config.chain):
         try:
             if ":" in entry.type:
                 factory = _import_factory(entry.type)
-                mw = factory(dict(entry.options or {}), ctx)
+                made = factory(dict(entry.options or {}), ctx)
             else:
-                mw = _REGISTRY[entry.type].factory(entry.options, ctx)
+                made = _REGISTRY[entry.type].factory(entry.options, ctx)
         except ConfigError as exc:
             # a factory's own paths (e.g. `keys_file[1].scopes`) continue the entry's
             errors.extend(f"middleware[{i}].{entry.type}.{line}" for line in exc.errors)
@@ -148,20 +207,42 @@ def build_middlewares(ctx: BuildContext) -> list[tuple[str, Middleware]]:
         except Exception as exc:
             errors.append(f"middleware[{i}].{entry.type}: {exc}")
             continue
-        if not inspect.iscoroutinefunction(mw) and not callable(mw):
+        feature = made if isinstance(made, Feature) else Feature(made) if callable(made) else None
+        if feature is None:
             errors.append(f"middleware[{i}].{entry.type}: the factory did not return a middleware")
             continue
-        built.append((entry.type, mw))
+        built.append((entry.type, feature))
     if errors:
         raise ConfigError(errors)
-    return built
+    return Chain(tuple(built))
 
 
-def compose(middlewares: list[tuple[str, Middleware]], terminal: Handler) -> Handler:
+def order_warnings(entries: tuple[MiddlewareEntry, ...]) -> list[str]:
+    """Entries that stand before one they need first (each type's `after`), with both
+    paths: such a chain works, but not as its author most likely meant."""
+    _load_builtins()
+    lines: list[str] = []
+    first: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        first.setdefault(entry.type, i)
+    for i, entry in enumerate(entries):
+        reg = _REGISTRY.get(entry.type)
+        if reg is None:
+            continue
+        for needed, why in reg.after:
+            j = first.get(needed)
+            if j is not None and j > i:
+                lines.append(
+                    f"middleware[{i}].{entry.type}: stands before middleware[{j}].{needed}; {why}"
+                )
+    return lines
+
+
+def compose(middlewares: list[Middleware], terminal: Handler) -> Handler:
     """Nest the chain: the first middleware sees the request first and the response
     last."""
     handler = terminal
-    for _, mw in reversed(middlewares):
+    for mw in reversed(middlewares):
         handler = _bind(mw, handler)
     return handler
 

@@ -26,17 +26,19 @@ def _load_or_exit(path: str | None) -> LoadedConfig:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.chain import BuildContext, build_middlewares, describe
+    from proxy.chain import BuildContext, build_chain, describe, order_warnings
 
     config = _load_or_exit(args.config)
     try:
-        build_middlewares(BuildContext(config=config))
+        build_chain(BuildContext(config=config))
     except ConfigError as exc:
         print("configuration errors:", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
     print(f"{config.source}: ok")
+    for line in order_warnings(config.chain):
+        print(f"warning: {line}", file=sys.stderr)
     for line in describe(config):
         print(line)
     return 0

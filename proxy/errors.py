@@ -250,3 +250,45 @@ def install_http_error_shape() -> None:
 
     RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
     _HTTP_ERROR_INSTALLED = True
+
+
+# -- a JSON value of the wrong type or value, as the parameter checks report it --
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def invalid_type(param: str, expected: str, value: Any) -> ProxyError:
+    return ProxyError(
+        400,
+        f"Invalid type for '{param}': expected {expected}, got {_kind(value)}.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def invalid_value(param: str, expected: str, value: Any) -> ProxyError:
+    return ProxyError(
+        400,
+        f"Invalid value for '{param}': expected {expected}, got {_show(value)}.",
+        param=param,
+        code="invalid_value",
+    )

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from proxy.config import Limits
+from proxy.routes import Route
 from proxy.sse import Event
 
 
@@ -29,7 +30,6 @@ class Identity:
     models: tuple[str, ...] = ("*",)
     limits: Limits | None = None  # the key's own limits (rate_limit reads them)
     model: str | None = None  # a model forced for this key (model_override reads it)
-    anonymous: bool = False
 
     def may_use(self, model: str | None) -> bool:
         models = self.models
@@ -54,9 +54,11 @@ CompletionCallback = Callable[["Exchange"], Awaitable[None] | None]
 @dataclass(slots=True)
 class Exchange:
     request: web.Request
-    route: str  # chat | models | sessions | passthrough
+    route: Route
     scope: str | None
     request_id: str
+    # the path on the backend, after its base path (/chat/completions, /embeddings)
+    upstream_path: str = ""
     started: float = field(default_factory=time.perf_counter)
     raw_body: bytes | None = None
     body: dict[str, Any] | None = None
@@ -77,9 +79,10 @@ class Exchange:
     # maps a name the client may send to the model sent upstream (model_override sets
     # it; /v1/models filtering uses it)
     model_resolver: Callable[[str], str] | None = None
-    # request data taken out of the body before it is forwarded but still wanted by
-    # later middlewares (validate keeps `elevenlabs_extra_body` here)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # the request's dialect (proxy/dialects/): ElevenLabs' `elevenlabs_extra_body`,
+    # taken out of the body, and the conversation id it names
+    elevenlabs_extra_body: dict[str, Any] | None = None
+    conversation_id: str | None = None
     # filled in by the upstream handler
     status: int = 0
     stream: bool = False
@@ -91,6 +94,15 @@ class Exchange:
     # the backend's stream ended without `[DONE]` and without a finish_reason on each
     # choice: the answer the client got is cut short (sessions mark the turn)
     incomplete: bool = False
+    # what the middlewares and the upstream handler report, for the access line and
+    # the metrics
+    failures: list[str] = field(default_factory=list)  # failed attempts: "upstream:kind"
+    rate_limited: str | None = None  # the limit that refused the request
+    rate_limit_store_down: bool = False  # counted without the shared store
+    session_source: str | None = None  # elevenlabs | header | new | continued
+    dropped_params: list[str] | None = None  # by validate's extra_params: drop
+    tool_calls_rewritten: dict[str, int] | None = None  # by tool_keywords, per tool
+    # fields a user's own middleware adds to the access line
     log: dict[str, Any] = field(default_factory=dict)
     # the client's address when a trusted load balancer forwarded it
     remote: str | None = None

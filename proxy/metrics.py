@@ -67,7 +67,7 @@ _SESSION_CHILDREN: dict[str, Any] = {}
 
 def observe(ex: Exchange) -> None:
     """Record one finished request."""
-    route = ex.route or "unknown"
+    route = ex.route.name
     # the model label only for requests a backend answered: a client may send any name
     model = ex.model or "" if ex.upstream is not None else ""
     key = (route, ex.status, model)
@@ -84,12 +84,12 @@ def observe(ex: Exchange) -> None:
     children[1].observe(ex.elapsed_ms() / 1000)
     if ex.ttfb is not None:
         children[2].observe(ex.ttfb)
-    for failure in ex.log.get("failures", ()):
+    for failure in ex.failures:
         name, _, kind = str(failure).partition(":")
         UPSTREAM_ERRORS.labels(name, kind).inc()
     if ex.error and ex.error.startswith("upstream_") and ex.upstream and ex.status == 200:
         UPSTREAM_ERRORS.labels(ex.upstream, ex.error.removeprefix("upstream_")).inc()
-    limit = ex.log.get("rate_limited")
+    limit = ex.rate_limited
     if ex.status == 429 and isinstance(limit, str):
         RATE_LIMITED.labels(limit).inc()
     completion = ex.completion
@@ -106,7 +106,7 @@ def observe(ex: Exchange) -> None:
         done = usage.get("completion_tokens")
         if isinstance(done, int) and done > 0:
             tokens[1].inc(done)
-    source = ex.log.get("session_source")
+    source = ex.session_source
     if source in ("elevenlabs", "header", "new"):
         counter = _SESSION_CHILDREN.get(source)
         if counter is None:

@@ -40,7 +40,8 @@ class EventTooLarge(Exception):
 
 
 async def _finish(ex: Exchange) -> None:
-    for callback in ex.on_complete:
+    # responses pass the chain bottom to top: the last registered callback first
+    for callback in reversed(ex.on_complete):
         try:
             result = callback(ex)
             if result is not None:

@@ -26,13 +26,20 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.app import STATE, Runtime, build_app, build_runtime, start_runtime, stop_runtime
-from proxy.config import ConfigError, LoadedConfig, load
+from proxy.app import (
+    STATE,
+    Runtime,
+    State,
+    build_app,
+    build_runtime,
+    start_runtime,
+    stop_runtime,
+)
+from proxy.chain import order_warnings
+from proxy.config import WORKERS_ENV, ConfigError, LoadedConfig, load
 from proxy.inbound import LimitedRunner
 
 log = logging.getLogger("chat_proxy")
-
-WORKERS_ENV = "CHAT_PROXY_WORKERS"
 
 
 def _is_loopback(host: str) -> bool:
@@ -62,16 +69,18 @@ async def reload(app: web.Application, path: str | None) -> bool:
         log.warning("reload: server and store settings take effect at the next restart")
     state.runtime = new
     log.info("configuration reloaded", extra={"chain": new.middleware_names})
-    asyncio.get_running_loop().create_task(_retire(old, config.server.drain_seconds))
+    state.retiring.add(old)
+    asyncio.get_running_loop().create_task(_retire(state, old, config.server.drain_seconds))
     return True
 
 
-async def _retire(rt: Runtime, drain: float) -> None:
+async def _retire(state: State, rt: Runtime, drain: float) -> None:
     """Stop a replaced runtime once the requests that started on it are done."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(drain, 1.0)
     while rt.in_flight and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
+    state.retiring.discard(rt)
     await stop_runtime(rt)
 
 
@@ -102,6 +111,8 @@ async def _run(
             "chain": [e.type for e in config.chain],
         },
     )
+    for line in order_warnings(config.chain):
+        log.warning("chain order: %s", line)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -401,7 +401,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     attempt -= 1
                     continue
                 last = failure
-                ex.log.setdefault("failures", []).append(f"{up.name}:{failure.kind}")
+                ex.failures.append(f"{up.name}:{failure.kind}")
                 if failure.kind != "http_429" and (
                     failure.retryable or not failure.kind.startswith("http_")
                 ):

@@ -52,9 +52,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import KEY, completion_doc, request_body  # noqa: E402
 from proxy import jsonfast, metrics  # noqa: E402
-from proxy.chain import BuildContext, build_middlewares, compose  # noqa: E402
+from proxy.chain import BuildContext, build_chain, compose  # noqa: E402
 from proxy.config import load  # noqa: E402
 from proxy.exchange import Exchange, Handler, Identity  # noqa: E402
+from proxy.routes import CHAT  # noqa: E402
 from proxy.store import open_store  # noqa: E402
 
 ORDER = ("auth", "rate_limit", "validate", "session", "model_override")
@@ -71,7 +72,7 @@ async def terminal(ex: Exchange) -> web.StreamResponse:
     identity = ex.identity
     if identity is not None and body is not None and not identity.may_use(ex.model):
         raise RuntimeError("the bench key may use every model")
-    ex.log.pop("_path", None)
+
     data = jsonfast.dumps(body)  # the body sent upstream
     forwarded = dict(ex.upstream_headers)
     forwarded["Content-Type"] = "application/json"
@@ -116,9 +117,9 @@ async def run_requests(
     preset = row.identity
     start = time.perf_counter()
     for i in range(n):
-        ex = Exchange(request=request, route="chat", scope="chat", request_id=f"req_bench{i}")
+        ex = Exchange(request=request, route=CHAT, scope="chat", request_id=f"req_bench{i}")
         ex.response_headers["X-Request-Id"] = ex.request_id
-        ex.log["_path"] = "/chat/completions"
+        ex.upstream_path = "/chat/completions"
         ex.raw_body = REQUEST
         doc = jsonfast.loads(REQUEST)
         ex.body = doc
@@ -153,13 +154,14 @@ async def main(args: argparse.Namespace) -> None:
     assert tuple(e.type for e in config.chain) == ORDER, config.chain
     store = await open_store(config.store)
     ctx = BuildContext(config=config, store=store)
-    built = build_middlewares(ctx)
-    for hook in ctx.startup:
+    chain = build_chain(ctx)
+    built = [(name, feature.middleware) for name, feature in chain.entries]
+    for hook in chain.collect("startup"):
         await hook()
     # the session middleware's writer, to flush it at the end of each run
     writers = [
         obj
-        for hook in ctx.shutdown
+        for hook in chain.collect("shutdown")
         for cell in (hook.__closure__ or ())
         if type(obj := cell.cell_contents).__name__ == "Writer"
     ]
@@ -182,17 +184,15 @@ async def main(args: argparse.Namespace) -> None:
         seen.append(ex.identity)
         return web.Response()
 
-    probe = Exchange(request=request, route="chat", scope="chat", request_id="probe")
-    await compose(built[:1], grab)(probe)
+    probe = Exchange(request=request, route=CHAT, scope="chat", request_id="probe")
+    await compose([built[0][1]], grab)(probe)
     identity = seen[0]
     assert identity is not None
 
     rows = [Row("empty", terminal, None)]
     for name, mw in built:
-        rows.append(
-            Row(name, compose([(name, mw)], terminal), None if name == "auth" else identity)
-        )
-    rows.append(Row("full", compose(built, terminal), None))
+        rows.append(Row(name, compose([mw], terminal), None if name == "auth" else identity))
+    rows.append(Row("full", compose([mw for _, mw in built], terminal), None))
     if args.only:
         rows = [r for r in rows if r.name in args.only.split(",")]
 
@@ -235,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
             parts = sum(statistics.median(r.total) - base for r in rows if r.name in ORDER)
             print(f"{'sum of alone':<16}{'':25}{parts:10.1f}")
 
-    for hook in reversed(ctx.shutdown):
+    for hook in reversed(chain.collect("shutdown")):
         await hook()
     await store.close()
     tmp.cleanup()

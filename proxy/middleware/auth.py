@@ -24,10 +24,11 @@ import yaml
 from aiohttp import web
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from proxy.chain import BuildContext, register
+from proxy.chain import BuildContext, Feature, register
 from proxy.config import ConfigError, Limits, Model, interpolate, validation_errors
 from proxy.errors import ProxyError
-from proxy.exchange import BodyTransform, Exchange, Handler, Identity, Middleware
+from proxy.exchange import BodyTransform, Exchange, Handler, Identity
+from proxy.routes import MODELS
 
 Scope = Literal["chat", "models", "sessions:read", "sessions:write"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -257,7 +258,7 @@ def _wrong_key(header: str) -> ProxyError:
 
 
 @register("auth", AuthOptions)
-def auth(options: AuthOptions, ctx: BuildContext) -> Middleware:
+def auth(options: AuthOptions, ctx: BuildContext) -> Feature:
     entries = [(f"keys[{i}]", e) for i, e in enumerate(options.keys)]
     if options.keys_file is not None:
         from_file = read_keys_file(options.keys_file)
@@ -289,14 +290,28 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Middleware:
             )
         return identity
 
-    ctx.before_body.append(authenticate)
+    def allowed(ex: Exchange) -> None:
+        """The model, once every middleware that may change it has run, is one the
+        key may use (whatever the body's Content-Type, form fields included)."""
+        identity = ex.identity
+        if identity is None or (ex.body is None and not ex.form):
+            return
+        if not identity.may_use(ex.model):
+            raise ProxyError(
+                403,
+                f"The key '{identity.id}' may not use the model `{ex.model}`."
+                if ex.model
+                else f"The key '{identity.id}' must name a model it may use.",
+                param="model",
+                code="model_not_allowed",
+            )
 
     async def auth_middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         if custom_header:
             ex.upstream_drop_headers.add(drop)
         identity = authenticate(ex)
-        if ex.route == "models" and "*" not in identity.models:
+        if ex.route is MODELS and "*" not in identity.models:
             ex.body_transforms.append(_models_filter(ex, identity))
         return await call_next(ex)
 
-    return auth_middleware
+    return Feature(auth_middleware, before_body=(authenticate,), before_upstream=(allowed,))

@@ -27,6 +27,7 @@ from proxy import sse
 from proxy.chain import BuildContext, register
 from proxy.config import Model
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.routes import CHAT, MODELS, PASSTHROUGH
 
 
 class ModelOverrideOptions(Model):
@@ -53,7 +54,11 @@ class ReportModel:
         return []
 
 
-@register("model_override", ModelOverrideOptions)
+@register(
+    "model_override",
+    ModelOverrideOptions,
+    after=(("auth", "a key's own forced model is not known yet, so it is not applied"),),
+)
 def model_override(options: ModelOverrideOptions, ctx: BuildContext) -> Middleware:
     aliases = dict(options.aliases)
 
@@ -97,12 +102,12 @@ def model_override(options: ModelOverrideOptions, ctx: BuildContext) -> Middlewa
 
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         ex.model_resolver = resolver_for(ex)
-        if ex.route == "models":
+        if ex.route is MODELS:
             if aliases:
                 ex.body_transforms.append(add_aliases)
             return await call_next(ex)
         body = ex.body
-        if ex.route not in ("chat", "passthrough") or not isinstance(body, dict):
+        if (ex.route is not CHAT and ex.route is not PASSTHROUGH) or not isinstance(body, dict):
             return await call_next(ex)
         sent = body.get("model")
         client_name = sent if isinstance(sent, str) and sent else None

@@ -29,18 +29,16 @@ from aiohttp import web
 from pydantic import Field
 
 from proxy import sse
-from proxy.chain import BuildContext, register
-from proxy.config import Limits
+from proxy.chain import BuildContext, Feature, register
+from proxy.config import WORKERS_ENV, Limits
 from proxy.errors import ProxyError
-from proxy.exchange import Exchange, Handler, Middleware
+from proxy.exchange import Exchange, Handler
 from proxy.ratelimit import Decision, Limiter, Quota, StoreError, Window, format_reset
 from proxy.ratelimit.memory import MemoryLimiter
+from proxy.routes import CHAT, Route
 
 log = logging.getLogger("chat_proxy.rate_limit")
 
-WORKERS_ENV = "CHAT_PROXY_WORKERS"
-_FULL_ROUTES = ("chat", "passthrough")  # every limit
-_REQUEST_ROUTES = ("models", "sessions")  # requests per minute only
 _IMAGE_TOKENS = 85  # what an image part of a message is reckoned at
 _NAMES = {
     "requests": "requests per minute",
@@ -171,7 +169,7 @@ def estimate(ex: Exchange, default_max_tokens: int) -> Estimate:
         limit = _positive_int(body.get("max_tokens"))
     if limit is not None:
         return Estimate(prompt, limit * n, True)
-    generates = ex.route == "chat" or ex.request.path.endswith("/completions")
+    generates = ex.route is CHAT or ex.request.path.endswith("/completions")
     return Estimate(prompt, default_max_tokens * n if generates else 0, False)
 
 
@@ -322,7 +320,7 @@ def _too_large(ex: Exchange, key: str, tpm: int, est: Estimate) -> ProxyError:
 # the middleware
 
 
-def effective_quota(defaults: Limits, own: Limits | None, route: str) -> Quota:
+def effective_quota(defaults: Limits, own: Limits | None, route: Route) -> Quota:
     """The key's own limits where it has them, the defaults elsewhere; by route."""
 
     def pick(name: str) -> int | None:
@@ -331,18 +329,11 @@ def effective_quota(defaults: Limits, own: Limits | None, route: str) -> Quota:
         return value
 
     rpm = pick("requests_per_minute")
-    if route in _REQUEST_ROUTES:
+    if route.metered == "requests":
         return Quota(requests_per_minute=rpm)
-    if route not in _FULL_ROUTES:
+    if route.metered == "none":
         return Quota()
     return Quota(rpm, pick("tokens_per_minute"), pick("max_concurrent"))
-
-
-def client_key(ex: Exchange) -> str:
-    identity = ex.identity
-    if identity is None or identity.anonymous:
-        return f"ip:{ex.remote or ex.request.remote or 'unknown'}"
-    return identity.id
 
 
 def _workers() -> int:
@@ -359,12 +350,21 @@ class _Holder:
     warn_settle: _Throttled = field(default_factory=_Throttled)
 
 
-_MEMORY_LIMITER = "rate_limit.memory_limiter"
-_HANDED_ON = "rate_limit.memory_limiter.handed_on"
+@dataclass
+class HandedOn:
+    """The in-process counters, handed to the rate_limit of the chain that replaces
+    this one on a reload (which then owns them: this chain does not close them)."""
+
+    limiter: MemoryLimiter | None = None
+    taken: bool = False
 
 
-@register("rate_limit", RateLimitOptions)
-def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
+@register(
+    "rate_limit",
+    RateLimitOptions,
+    after=(("auth", "callers are counted by their address, not by their key"),),
+)
+def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
     store = ctx.config.store
     holder = _Holder()
 
@@ -381,15 +381,12 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
                 )
             return
         # a reload keeps the counters: the chain it replaces hands its limiter on
-        inherited = ctx.previous.get(_MEMORY_LIMITER)
-        if isinstance(inherited, MemoryLimiter):
-            ctx.previous[_HANDED_ON] = True
-            holder.limiter = inherited
-        else:
-            holder.limiter = MemoryLimiter()
-        ctx.services[_MEMORY_LIMITER] = holder.limiter
-        if inherited is not None:
+        inherited = ctx.inherit(HandedOn)
+        if inherited is not None and inherited.limiter is not None and not inherited.taken:
+            inherited.taken = True
+            holder.limiter = handoff.limiter = inherited.limiter
             return
+        holder.limiter = handoff.limiter = MemoryLimiter()
         workers = _workers()
         if workers > 1:
             log.warning(
@@ -407,12 +404,11 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
 
     async def shutdown() -> None:
         if holder.limiter is not None:
-            if not ctx.services.get(_HANDED_ON):  # else the next chain counts on
+            if not handoff.taken:  # else the next chain counts on
                 await holder.limiter.close()
             holder.limiter = None
 
-    ctx.startup.append(startup)
-    ctx.shutdown.append(shutdown)
+    handoff = HandedOn()
 
     async def store_failed(ex: Exchange, call_next: Handler, exc: StoreError) -> web.StreamResponse:
         holder.warn_check.warning(
@@ -421,7 +417,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
             f"(on_store_error: {options.on_store_error})",
             error=str(exc),
         )
-        ex.log["rate_limit_store"] = "unreachable"
+        ex.rate_limit_store_down = True
         if options.on_store_error == "deny":
             raise ProxyError(
                 503,
@@ -434,9 +430,9 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
 
     # (id of the key's own limits, route) -> (those limits, the quota): keys and their
     # limits live as long as the configuration, so this stays small
-    quotas: dict[tuple[int, str], tuple[Limits | None, Quota]] = {}
+    quotas: dict[tuple[int, Route], tuple[Limits | None, Quota]] = {}
 
-    def quota_for(own: Limits | None, route: str) -> Quota:
+    def quota_for(own: Limits | None, route: Route) -> Quota:
         hit = quotas.get((id(own), route))
         if hit is not None and hit[0] is own:
             return hit[1]
@@ -452,7 +448,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
         limiter = holder.limiter
         if not quota or limiter is None:
             return await call_next(ex)
-        key = client_key(ex)
+        key = ex.client_id
         est: Estimate | None = None
         cost = 0
         tpm = quota.tokens_per_minute
@@ -464,7 +460,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
                 quota = Quota(quota.requests_per_minute, None, quota.max_concurrent)
             elif cost > tpm:
                 if est.explicit or est.prompt > tpm:
-                    ex.log["rate_limited"] = "tokens"
+                    ex.rate_limited = "tokens"
                     raise _too_large(ex, key, tpm, est)
                 cost = tpm  # only the default completion budget does not fit: trim it
         # the in-process limiter never waits: called directly, without a coroutine
@@ -477,13 +473,13 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
         except StoreError as exc:
             return await store_failed(ex, call_next, exc)
         if not decision.allowed:
-            ex.log["rate_limited"] = decision.exceeded[0]  # the metric's label
+            ex.rate_limited = decision.exceeded[0]  # the metric's label
             raise _refusal(ex, key, quota, cost, decision)
         _headers(decision, ex.response_headers)
         meter: Meter | None = None
         if est is not None and ex.body is not None:
             hide = False
-            if ex.route == "chat" and ex.wants_stream and options.stream_usage:
+            if ex.route is CHAT and ex.wants_stream and options.stream_usage:
                 opts = ex.body.get("stream_options")
                 if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                     ex.body["stream_options"] = {
@@ -506,7 +502,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Middleware:
             elif decision.lease is not None or delta:
                 await asyncio.shield(_settle(limiter, holder, key, quota, decision.lease, delta))
 
-    return middleware
+    return Feature(middleware, startup=(startup,), shutdown=(shutdown,), handoff=handoff)
 
 
 async def _settle(

@@ -60,11 +60,12 @@ import orjson
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from proxy.chain import BuildContext, register
+from proxy.chain import BuildContext, Feature, register
 from proxy.config import Model
 from proxy.errors import bad_request
-from proxy.exchange import Exchange, Handler, Middleware
+from proxy.exchange import Exchange, Handler
 from proxy.jsonfast import copy_tree
+from proxy.routes import CHAT, Route
 from proxy.store import MemoryStore, SessionStore, TurnRecord
 from proxy.store.base import json_text
 
@@ -423,7 +424,7 @@ def forwarded_id(owner: str, session_id: str) -> str:
 
 def _key_id(ex: Exchange) -> str | None:
     identity = ex.identity
-    return identity.id if identity is not None and not identity.anonymous else None
+    return identity.id if identity is not None else None
 
 
 def _client_id(value: Any, param: str) -> str:
@@ -445,8 +446,12 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-@register("session", SessionOptions)
-def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
+@register(
+    "session",
+    SessionOptions,
+    after=(("auth", "sessions are kept per address, and a key never sees its own"),),
+)
+def session(options: SessionOptions, ctx: BuildContext) -> Feature:
     store: SessionStore = ctx.store if ctx.store is not None else MemoryStore()
     writer = Writer(store)
     retention = options.retention_days * 86400 if options.retention_days else None
@@ -477,12 +482,15 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
         purger.clear()
         await writer.stop()
 
-    ctx.startup.append(start)
-    ctx.shutdown.append(stop)
-
     from proxy.sessions_api import sessions_api
 
-    ctx.services["sessions_api"] = sessions_api(store, writer)
+    api = Route(
+        "sessions",
+        {"GET": "sessions:read", "DELETE": "sessions:write", "*": "sessions:read"},
+        paths=("/v1/sessions",),
+        prefixes=("/v1/sessions/",),
+        terminal=sessions_api(store, writer),
+    )
 
     async def find(owner: str, convo: list[dict[str, Any]]) -> str | None:
         d = lookup_digest(owner, convo)
@@ -501,17 +509,14 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
 
     async def middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         body = ex.body
-        if ex.route != "chat" or body is None:
+        if ex.route is not CHAT or body is None:
             return await call_next(ex)
-        eleven = body.pop("elevenlabs_extra_body", None)
-        if "elevenlabs_extra_body" in ex.extra:
-            eleven = ex.extra["elevenlabs_extra_body"]
         raw = body.get("messages")
         messages: list[Any] = raw if isinstance(raw, list) else []
         convo = conversation(messages)
         owner = ex.client_id
 
-        conversation_id = eleven.get("conversation_id") if isinstance(eleven, dict) else None
+        conversation_id = ex.conversation_id
         header = ex.request.headers.get(SESSION_HEADER, "").strip()
         found: str | None = None
         if conversation_id is not None and conversation_id != "":
@@ -528,7 +533,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
         ex.response_headers[SESSION_HEADER] = sid
         if options.forward_header:
             ex.upstream_headers[options.forward_header] = forwarded_id(owner, sid)
-        ex.log["session_source"] = source
+        ex.session_source = source
 
         # a new session's first turn holds the whole context it opened with
         fresh = list(messages) if source == "new" else new_messages(messages)
@@ -616,8 +621,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Middleware:
                 )
             )
 
-        # first, so that the turn is queued before anything else can yield
-        ex.on_complete.insert(0, record)
+        ex.on_complete.append(record)
         return await call_next(ex)
 
-    return middleware
+    return Feature(middleware, routes=(api,), startup=(start,), shutdown=(stop,))

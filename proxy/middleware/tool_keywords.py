@@ -42,6 +42,7 @@ from proxy import sse
 from proxy.chain import BuildContext, register
 from proxy.config import Model
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.routes import CHAT
 
 _METRIC = "chat_proxy_tool_calls_rewritten_total"
 
@@ -242,7 +243,9 @@ class Matcher:
         return None
 
     def record(self, tool: str) -> None:
-        counts: dict[str, int] = self.ex.log.setdefault("tool_calls_rewritten", {})
+        counts = self.ex.tool_calls_rewritten
+        if counts is None:
+            counts = self.ex.tool_calls_rewritten = {}
         counts[tool] = counts.get(tool, 0) + 1
         child = _REWRITTEN_BY_TOOL.get(tool)
         if child is None:
@@ -358,12 +361,12 @@ class StreamRewriter:
         return []
 
 
-@register("tool_keywords", ToolKeywordsOptions, changes_response=True)
+@register("tool_keywords", ToolKeywordsOptions)
 def tool_keywords(options: ToolKeywordsOptions, ctx: BuildContext) -> Middleware:
     rules = compile_rules(options)
 
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
-        if ex.route != "chat" or ex.body is None:
+        if ex.route is not CHAT or ex.body is None:
             return await call_next(ex)
         allowed = allowed_tools(ex.body)
         usable = [r for r in rules if r.tool in allowed]

@@ -6,9 +6,8 @@ naming it (`messages[2].role`, `tools[0].function.name`) and a message saying wh
 was expected. Top-level fields the API does not name (vLLM's `top_k`, `min_p`...)
 are passed, dropped or refused according to `extra_params`.
 
-ElevenLabs' fields are translated here: `elevenlabs_extra_body` is checked, kept in
-`ex.extra["elevenlabs_extra_body"]` for later middlewares and never forwarded;
-`user_id` becomes `user` (unless `user` is set) and is never forwarded either.
+ElevenLabs' fields (`elevenlabs_extra_body`, `user_id`) are taken out of the body
+before the chain runs, by proxy/dialects/elevenlabs.py.
 
 Numbers are JSON numbers: `true` and `"0.5"` are not numbers, NaN and Infinity are
 refused anywhere in the body, and integer parameters take integers only (`2.0` is
@@ -31,8 +30,9 @@ from pydantic import Field
 from proxy import jsonfast
 from proxy.chain import BuildContext, register
 from proxy.config import Model
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, invalid_type, invalid_value
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.routes import CHAT
 
 
 class ValidateOptions(Model):
@@ -55,47 +55,8 @@ Checker = Callable[[str, Any, "Request"], None]
 # --- messages -------------------------------------------------------------------
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def invalid_type(param: str, expected: str, value: Any) -> ProxyError:
-    return ProxyError(
-        400,
-        f"Invalid type for '{param}': expected {expected}, got {_kind(value)}.",
-        param=param,
-        code="invalid_type",
-    )
-
-
-def invalid_value(param: str, expected: str, value: Any) -> ProxyError:
-    return ProxyError(
-        400,
-        f"Invalid value for '{param}': expected {expected}, got {_show(value)}.",
-        param=param,
-        code="invalid_value",
-    )
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -447,13 +408,6 @@ def check_response_format(param: str, value: Any, req: Request) -> None:
             obj(f"{param}.json_schema.schema", schema["schema"])
 
 
-def check_elevenlabs(param: str, value: Any, req: Request) -> None:
-    extra = obj(param, value)
-    conversation = extra.get("conversation_id")
-    if conversation is not None and (not isinstance(conversation, str) or not conversation):
-        raise invalid_value(f"{param}.conversation_id", "a non-empty string", conversation)
-
-
 def check_strings(param: str, value: Any, req: Request) -> None:
     for i, item in enumerate(array(param, value)):
         string(f"{param}[{i}]", item)
@@ -517,9 +471,7 @@ RULES: dict[str, Checker] = {
     "tool_choice": check_tool_choice,
     "parallel_tool_calls": _simple(boolean, bool),
     "stream_options": check_stream_options,
-    "elevenlabs_extra_body": check_elevenlabs,
     "user": _simple(string, str),
-    "user_id": _simple(string, str),
     "seed": _int(*INT64),
     "response_format": check_response_format,
     "logprobs": _simple(boolean, bool),
@@ -583,21 +535,13 @@ def validate_body(body: dict[str, Any], options: ValidateOptions) -> list[str]:
 def validate(options: ValidateOptions, ctx: BuildContext) -> Middleware:
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         body = ex.body
-        if ex.route != "chat" or body is None:
+        if ex.route is not CHAT or body is None:
             return await call_next(ex)
         unknown = validate_body(body, options)
-        if "elevenlabs_extra_body" in body:
-            extra = body.pop("elevenlabs_extra_body")
-            if extra is not None:
-                ex.extra["elevenlabs_extra_body"] = extra
-        if "user_id" in body:
-            user_id = body.pop("user_id")
-            if user_id is not None and body.get("user") is None:
-                body["user"] = user_id
         if unknown and options.extra_params == "drop":
             for name in unknown:
                 del body[name]
-            ex.log["dropped_params"] = unknown
+            ex.dropped_params = unknown
         return await call_next(ex)
 
     return mw

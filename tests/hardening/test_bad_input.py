@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import MAX_JSON_DEPTH
+from proxy.entry import MAX_JSON_DEPTH
 from proxy.middleware.session import SAFE_ID
 from tests.hardening.conftest import (
     ALICE,

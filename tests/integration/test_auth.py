@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.chain import BuildContext, build_middlewares, describe
+from proxy.chain import BuildContext, build_chain, describe
 from proxy.cli import main
 from proxy.config import ConfigError, load_text
 from proxy.exchange import Exchange, Handler, Middleware
@@ -226,7 +226,7 @@ def test_duplicate_ids_and_keys_are_reported_when_the_chain_is_built() -> None:
     ).replace("{backend}", "http://127.0.0.1:9")
     config = load_text(text)
     with pytest.raises(ConfigError) as info:
-        build_middlewares(BuildContext(config=config))
+        build_chain(BuildContext(config=config))
     assert info.value.errors == [
         "middleware[0].auth.keys[1].id: duplicate id 'a' (also at keys[0])",
         "middleware[0].auth.keys[2]: the same key as keys[0]",
@@ -432,7 +432,6 @@ def identity_probe(options: dict[str, Any], ctx: BuildContext) -> Middleware:
                 "models": list(ident.models),
                 "model": ident.model,
                 "limits": ident.limits.model_dump() if ident.limits else None,
-                "anonymous": ident.anonymous,
             }
         )
         return await call_next(ex)
@@ -461,7 +460,6 @@ async def test_identity_carries_the_keys_limits_and_model(
         "models": ["llama*"],
         "model": "llama3.1:8b",
         "limits": {"requests_per_minute": 600, "tokens_per_minute": None, "max_concurrent": 2},
-        "anonymous": False,
     }
     resp = await client.post("/v1/chat/completions", json=body, headers={"X-API-Key": OTHER_KEY})
     assert json.loads(resp.headers["X-Probe"]) == {
@@ -471,7 +469,6 @@ async def test_identity_carries_the_keys_limits_and_model(
         "models": ["*"],
         "model": None,
         "limits": None,
-        "anonymous": False,
     }
 
 

@@ -25,7 +25,7 @@ import yaml
 from yarl import URL
 
 from proxy.app import build_app
-from proxy.chain import BuildContext, build_middlewares
+from proxy.chain import BuildContext, build_chain
 from proxy.config import ConfigError, LoadedConfig, load_text
 from tests.conftest import Backend, json_handler
 
@@ -48,7 +48,7 @@ _COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 def check_config(text: str, env: dict[str, str]) -> LoadedConfig:
     """What `chat-proxy check` does: load, validate, and build every middleware."""
     config = load_text(text, env=env)
-    build_middlewares(BuildContext(config=config))
+    build_chain(BuildContext(config=config))
     return config
 
 

@@ -197,12 +197,20 @@ async def test_passthrough_json_requests_are_overridden(
 async def test_key_allowlist_applies_to_the_model_really_used(
     make_proxy: ProxyFactory, backend: Backend
 ) -> None:
-    # the key may use llama only; the client's name is an alias of it
-    client = await make_proxy(config(ALIASES, key(models='["llama*"]')), backend)
-    status, _ = await send(client, chat_body(model="junis-orchestrator"))
-    assert status == 200
+    # the key may use llama only; the client's name is an alias of it (auth checks the
+    # model once model_override, after it in the chain, has changed it)
+    auth = (
+        "  - type: auth\n    keys:\n      - id: llama-only\n        key: sk-llama-only-1\n"
+        '        models: ["llama*"]\n'
+    )
+    client = await make_proxy(config(ALIASES, auth), backend)
+    headers = {"Authorization": "Bearer sk-llama-only-1"}
+    resp = await client.post(
+        "/v1/chat/completions", json=chat_body(model="junis-orchestrator"), headers=headers
+    )
+    assert resp.status == 200
     assert backend.seen[-1].json()["model"] == "llama3.1:8b"
-    resp = await client.post("/v1/chat/completions", json=chat_body(model="fast"))
+    resp = await client.post("/v1/chat/completions", json=chat_body(model="fast"), headers=headers)
     assert resp.status == 403
     assert (await resp.json())["error"]["param"] == "model"
     assert len(backend.seen) == 1

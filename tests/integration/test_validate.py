@@ -531,10 +531,14 @@ async def test_infinity_from_an_overflowing_literal_is_refused(
 
 
 def record_extra(options: dict[str, Any], ctx: BuildContext) -> Middleware:
-    """A test-only middleware placed after validate: shows what it finds in ex.extra."""
+    """A test-only middleware placed after validate: shows what the ElevenLabs
+    dialect left for later middlewares."""
 
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
-        ex.response_headers["x-test-extra"] = json.dumps(ex.extra)
+        shown = (
+            {"elevenlabs_extra_body": ex.elevenlabs_extra_body} if ex.elevenlabs_extra_body else {}
+        )
+        ex.response_headers["x-test-extra"] = json.dumps(shown)
         return await call_next(ex)
 
     return mw

@@ -20,6 +20,7 @@ from aiohttp.test_utils import make_mocked_request
 from proxy.chain import BuildContext
 from proxy.exchange import Exchange, Identity
 from proxy.middleware import session as session_mw
+from proxy.routes import CHAT
 from proxy.store import MemoryStore, SessionStore
 
 
@@ -36,11 +37,12 @@ async def run_turn(
     """One chat request through the session middleware; `after(ex)` runs once the
     turn is recorded, as a later completion callback would."""
     ctx = BuildContext(config=None, store=store)  # type: ignore[arg-type]
-    mw = session_mw.session(session_mw.SessionOptions(store_content=store_content), ctx)
-    for hook in ctx.startup:
+    feature = session_mw.session(session_mw.SessionOptions(store_content=store_content), ctx)
+    mw = feature.middleware
+    for hook in feature.startup:
         await hook()
     request = make_mocked_request("POST", "/v1/chat/completions", headers=headers or {})
-    ex = Exchange(request=request, route="chat", scope="chat", request_id="r1")
+    ex = Exchange(request=request, route=CHAT, scope="chat", request_id="r1")
     ex.identity = Identity(id="k", scopes=frozenset({"chat"}))
     ex.body = {"model": "m", "messages": messages}
 
@@ -60,7 +62,7 @@ async def run_turn(
         return web.Response()
 
     await mw(ex, backend)
-    for hook in reversed(ctx.shutdown):
+    for hook in reversed(feature.shutdown):
         await hook()  # flushes the writer
     assert ex.session_id is not None
     return ex.session_id

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from proxy import memory
+from proxy import trim as memory
 from proxy.config import load_text
 
 
