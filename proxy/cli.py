@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from proxy.config import ConfigError, LoadedConfig, load
+from proxy.config import ConfigError, LoadedConfig
+from proxy.loader import load
 
 log = logging.getLogger("chat_proxy")
 

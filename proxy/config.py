@@ -304,24 +304,32 @@ def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     return [f"{format_loc(tuple(e['loc']), prefix)}: {_message(e)}" for e in exc.errors()]
 
 
-def load_text(
-    text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None
-) -> LoadedConfig:
-    """Parse, interpolate and validate a configuration, chain included."""
-    from proxy.chain import resolve_entries
+@dataclass(frozen=True)
+class Parsed:
+    """A file's shape, checked: the config (None when it has errors), the chain's
+    entries as they were written (their options are the chain's to check), and the
+    errors found so far."""
 
+    config: Config | None
+    chain: list[Any] | None
+    errors: list[str]
+
+
+def parse_text(text: str, *, env: Mapping[str, str] | None = None) -> Parsed:
+    """Parse, interpolate and validate the file's shape (servers, upstreams, store);
+    the middleware entries are checked by proxy/chain.py (see proxy/loader.py)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(
-            [f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]
-        ) from None
+        return Parsed(
+            None, None, [f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]
+        )
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(["<root>: must be a mapping"])
+        return Parsed(None, None, ["<root>: must be a mapping"])
     errors: list[str] = []
     data = interpolate(raw, os.environ if env is None else env, "", errors)
     config: Config | None = None
@@ -329,27 +337,20 @@ def load_text(
         config = Config.model_validate(data)
     except ValidationError as exc:
         errors.extend(validation_errors(exc))
-    entries: tuple[MiddlewareEntry, ...] = ()
     chain_raw = data.get("middleware") if isinstance(data, dict) else None
-    if isinstance(chain_raw, list):
-        entries, chain_errors = resolve_entries(chain_raw)
-        errors.extend(chain_errors)
-    if errors or config is None:
-        raise ConfigError(errors or ["<root>: invalid configuration"])
-    return LoadedConfig(config=config, chain=entries, source=source)
+    return Parsed(config, chain_raw if isinstance(chain_raw, list) else None, errors)
 
 
-def load(
+def read_file(
     path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
-) -> LoadedConfig:
-    """Load the configuration file named by `path` or by CHAT_PROXY_CONFIG."""
+) -> tuple[str, Path]:
+    """The text of the configuration file named by `path` or by CHAT_PROXY_CONFIG."""
     environ = os.environ if env is None else env
     name = path or environ.get(ENV_VAR)
     if not name:
         raise ConfigError([f"no configuration file: pass --config FILE or set {ENV_VAR}"])
     p = Path(name)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8"), p
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read ({exc.strerror or exc})"]) from None
-    return load_text(text, env=environ, source=p)

@@ -36,8 +36,9 @@ from proxy.app import (
     stop_runtime,
 )
 from proxy.chain import order_warnings
-from proxy.config import WORKERS_ENV, ConfigError, LoadedConfig, load
+from proxy.config import WORKERS_ENV, ConfigError, LoadedConfig
 from proxy.inbound import LimitedRunner
+from proxy.loader import load
 
 log = logging.getLogger("chat_proxy")
 

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from proxy.app import build_app
-from proxy.config import LoadedConfig, load_text
+from proxy.config import LoadedConfig
+from proxy.loader import load_text
 
 BackendHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

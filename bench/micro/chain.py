@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench import KEY, completion_doc, request_body  # noqa: E402
 from proxy import jsonfast, metrics  # noqa: E402
 from proxy.chain import BuildContext, build_chain, compose  # noqa: E402
-from proxy.config import load  # noqa: E402
 from proxy.exchange import Exchange, Handler, Identity  # noqa: E402
+from proxy.loader import load  # noqa: E402
 from proxy.routes import CHAT  # noqa: E402
 from proxy.store import open_store  # noqa: E402
 

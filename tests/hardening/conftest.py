@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import load_text
 from proxy.errors import OPENAI_TYPES
 from proxy.inbound import LimitedRunner
+from proxy.loader import load_text
 from tests.conftest import metric  # noqa: F401  (used by the hardening tests)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import load_text
 from proxy.inbound import ClientConnection, LimitedRunner
+from proxy.loader import load_text
 from tests.conftest import DONE, chunk, completion
 from tests.hardening.conftest import ProxyProcess, assert_openai_error, free_port
 

@@ -20,8 +20,9 @@ from aiohttp import web
 
 from proxy.chain import BuildContext, build_chain, describe
 from proxy.cli import main
-from proxy.config import ConfigError, load_text
+from proxy.config import ConfigError
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.loader import load_text
 from proxy.observability import JsonFormatter
 from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from proxy.app import build_app
-from proxy.config import load
+from proxy.loader import load
 
 ROOT = Path(__file__).resolve().parents[2]
 

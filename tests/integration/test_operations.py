@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import STATE, build_app
-from proxy.config import load
+from proxy.loader import load
 from proxy.server import reload
 from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, metric
 

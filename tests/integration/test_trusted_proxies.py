@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.config import ConfigError, load_text
+from proxy.config import ConfigError
+from proxy.loader import load_text
 from tests.conftest import Backend, ProxyFactory, chat_body
 
 CONFIG = """

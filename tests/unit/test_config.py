@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import ConfigError, load_text
+from proxy.config import ConfigError
+from proxy.loader import load_text
 
 UP = "upstreams:\n  - name: a\n    url: http://127.0.0.1:9/v1\n"
 
@@ -111,3 +112,19 @@ def test_unset_variable_in_a_middleware_names_its_type() -> None:
         "middleware[0].tests.plugins.audit:audit.team: environment variable TEAM is not set"
         in errors_of(text)
     )
+
+
+def test_the_file_shape_is_read_without_importing_a_middleware() -> None:
+    # config.py checks the file's shape; the chain's options are the chain's
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import proxy.config as c; "
+        "c.parse_text('upstreams: [{name: a, url: http://127.0.0.1:1/v1}]'); "
+        "print(sorted(m for m in sys.modules if m.startswith('proxy.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout
+    assert "proxy.config" in loaded
+    assert "proxy.middleware" not in loaded and "proxy.chain" not in loaded, loaded

@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 import uvloop
 
-from proxy.config import ConfigError, load_text
+from proxy.config import ConfigError
+from proxy.loader import load_text
 from proxy.server import loop_factory
 
 BASE = "upstreams: [{name: a, url: 'echo:'}]\n"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from proxy import trim as memory
-from proxy.config import load_text
+from proxy.loader import load_text
 
 
 def test_the_default_is_every_minute_and_zero_turns_it_off() -> None:
