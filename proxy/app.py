@@ -10,53 +10,29 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy import entry, metrics, trim, upstream
-from proxy.chain import BuildContext, Chain, Check, build_chain, compose
+from proxy.chain import BuildContext, Check, build_chain, compose
 from proxy.config import LoadedConfig
 from proxy.errors import install_http_error_shape
 from proxy.exchange import Exchange, Handler
 from proxy.routes import CHAT, MODELS, Routes
+from proxy.runtime import STATE, Runtime, State
 from proxy.store.base import SessionStore
 
 log = logging.getLogger("chat_proxy")
 
-
-@dataclass(eq=False)
-class Runtime:
-    """Everything a request needs, swapped whole on reload."""
-
-    config: LoadedConfig
-    upstreams: upstream.Upstreams
-    chain: Chain
-    handler: Handler
-    routes: Routes
-    ctx: BuildContext
-    before_body: tuple[Check, ...] = ()
-    in_flight: int = 0
-    trusted: tuple[entry.IPNetwork, ...] = ()
-
-    @property
-    def middleware_names(self) -> list[str]:
-        return self.chain.names
-
-
-@dataclass
-class State:
-    runtime: Runtime
-    draining: bool = False
-    # replaced runtimes whose requests have not all finished
-    retiring: set[Runtime] = field(default_factory=set)
-
-    @property
-    def in_flight(self) -> int:
-        return self.runtime.in_flight + sum(rt.in_flight for rt in self.retiring)
-
-
-STATE = web.AppKey("chat_proxy_state", State)
+__all__ = [
+    "STATE",
+    "Runtime",
+    "State",
+    "build_app",
+    "build_runtime",
+    "start_runtime",
+    "stop_runtime",
+]
 
 
 def _terminal(upstreams: upstream.Upstreams, before_upstream: tuple[Check, ...]) -> Handler:

@@ -9,7 +9,7 @@ import ipaddress
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -19,13 +19,10 @@ from proxy.errors import ProxyError, bad_request
 from proxy.exchange import Exchange
 from proxy.observability import access_log, clean_request_id, current_request_id, write_access_line
 from proxy.routes import CHAT, PASSTHROUGH, UNKNOWN
-
-if TYPE_CHECKING:
-    from proxy.app import Runtime, State
+from proxy.runtime import IPNetwork, Runtime, State
 
 log = logging.getLogger("chat_proxy")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 
 

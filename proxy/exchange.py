@@ -9,15 +9,15 @@ only when one of them asks for it; otherwise it relays bytes untouched.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
 from proxy.config import Limits
-from proxy.routes import Route
+from proxy.errors import ProxyError
 from proxy.sse import Event
 
 
@@ -37,6 +37,40 @@ class Identity:
             return True
         name = model or ""
         return any(fnmatchcase(name, pattern) for pattern in models)
+
+
+Terminal = Callable[["Exchange"], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Route:
+    """One route. `scopes` maps a method to the scope it needs; a method not in it is
+    a 405 (`*` stands for any other method). `terminal` answers it at the end of the
+    chain; None: the upstream handler, sent to the backend's `upstream path`."""
+
+    name: str  # in the metrics and the access line
+    scopes: Mapping[str, str | None]
+    # what rate_limit counts: every limit, requests per minute only, or nothing
+    metered: Literal["all", "requests", "none"] = "requests"
+    paths: tuple[str, ...] = ()  # exact paths
+    prefixes: tuple[str, ...] = ()  # paths that start with one of these
+    terminal: Terminal | None = field(default=None, repr=False)
+
+    def scope(self, method: str, path: str) -> str | None:
+        scopes = self.scopes
+        if method in scopes:
+            return scopes[method]
+        if "*" in scopes:
+            return scopes["*"]
+        allowed = ", ".join(m for m in scopes if m != "*")
+        raise ProxyError(
+            405,
+            f"Method {method} is not allowed on {path}; use {allowed}.",
+            code="method_not_allowed",
+        )
+
+    def matches(self, path: str) -> bool:
+        return path in self.paths or path.startswith(self.prefixes)
 
 
 class EventTransform(Protocol):

@@ -8,50 +8,12 @@ middleware run for them too.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from aiohttp import web
 
-from proxy.errors import ProxyError, not_found
+from proxy.errors import not_found
+from proxy.exchange import Exchange, Route
 
-if TYPE_CHECKING:
-    from aiohttp import web
-
-    from proxy.exchange import Exchange
-
-Terminal = Callable[["Exchange"], Awaitable["web.StreamResponse"]]
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class Route:
-    """One route. `scopes` maps a method to the scope it needs; a method not in it is
-    a 405 (`*` stands for any other method). `terminal` answers it at the end of the
-    chain; None: the upstream handler, sent to the backend's `upstream path`."""
-
-    name: str  # in the metrics and the access line
-    scopes: Mapping[str, str | None]
-    # what rate_limit counts: every limit, requests per minute only, or nothing
-    metered: Literal["all", "requests", "none"] = "requests"
-    paths: tuple[str, ...] = ()  # exact paths
-    prefixes: tuple[str, ...] = ()  # paths that start with one of these
-    terminal: Terminal | None = field(default=None, repr=False)
-
-    def scope(self, method: str, path: str) -> str | None:
-        scopes = self.scopes
-        if method in scopes:
-            return scopes[method]
-        if "*" in scopes:
-            return scopes["*"]
-        allowed = ", ".join(m for m in scopes if m != "*")
-        raise ProxyError(
-            405,
-            f"Method {method} is not allowed on {path}; use {allowed}.",
-            code="method_not_allowed",
-        )
-
-    def matches(self, path: str) -> bool:
-        return path in self.paths or path.startswith(self.prefixes)
-
+__all__ = ["CHAT", "MODELS", "PASSTHROUGH", "SESSIONS_OFF", "UNKNOWN", "Route", "Routes"]
 
 CHAT = Route("chat", {"POST": "chat"}, "all", paths=("/v1/chat/completions", "/chat/completions"))
 MODELS = Route("models", {"GET": "models"}, paths=("/v1/models", "/models"))
