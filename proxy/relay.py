@@ -11,15 +11,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import jsonfast, sse
+from proxy import jsonfast
 from proxy.backend import BackendResponse as Response
 from proxy.backend import ClientError
-from proxy.completion import Accumulator
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
-from proxy.errors import ProxyError, normalise_error_payload, sse_error_event
-from proxy.exchange import EventTransform, Exchange
+from proxy.errors import ProxyError, sse_error_event
+from proxy.exchange import Exchange
 from proxy.metrics import STREAMS
 from proxy.routing import Upstream
+from proxy.transform import MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -29,14 +29,6 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
-
-# the largest event a parsed stream holds while waiting for its end (a backend that
-# never ends a line would otherwise grow the buffer without bound)
-MAX_EVENT_BYTES = 16 * 1024 * 1024
-
-
-class EventTooLarge(Exception):
-    """A backend event grew past MAX_EVENT_BYTES without ending."""
 
 
 async def _finish(ex: Exchange) -> None:
@@ -207,132 +199,6 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-class ErrorNormaliser:
-    """Rewrites backend error events of other shapes into `data: {"error": {...}}`."""
-
-    def on_event(self, event: sse.Event) -> list[sse.Event]:
-        other = event.other.get("error") if event.other else None
-        if other is None and (event.data is None or "error" not in event.data):
-            return [event]
-        fixed = normalise_error_payload(event.json(), other)
-        if fixed is None:
-            return [event]
-        return [sse.data_event(fixed)]
-
-    def on_end(self) -> list[sse.Event]:
-        return []
-
-
-class _Transformer:
-    """The transformed relay: parse, pass through each transform, re-encode."""
-
-    def __init__(self, ex: Exchange) -> None:
-        # responses pass the chain bottom to top: the last registered transform first
-        self.transforms: list[EventTransform] = [ErrorNormaliser()]
-        self.transforms.extend(reversed(ex.event_transforms))
-        self.acc = Accumulator() if ex.on_complete else None
-        self.pending = sse.START
-        # reads inside one unfinished line, joined once its end comes (not re-parsed
-        # read after read)
-        self._held: list[bytes] = []
-        self._held_size = 0
-        # how the stream ended: `[DONE]`, the choices that had a finish_reason, and
-        # whether the backend sent an error event
-        self.done = False
-        self.finished: set[Any] = set()
-        self.failed = False
-
-    def _watch(self, events: list[sse.Event]) -> None:
-        for e in events:
-            data = e.data
-            if data is None:
-                if e.other and "error" in e.other:
-                    self.failed = True
-                continue
-            if data == "[DONE]":
-                self.done = True
-            elif "finish_reason" in data or "error" in data:
-                doc = e.json()
-                if not isinstance(doc, dict):
-                    continue
-                if "error" in doc or doc.get("object") == "error":
-                    self.failed = True
-                choices = doc.get("choices")
-                if isinstance(choices, list):
-                    for c in choices:
-                        if isinstance(c, dict) and c.get("finish_reason"):
-                            index = c.get("index", 0)
-                            self.finished.add(index if isinstance(index, int) else 0)
-
-    def _through(self, events: list[sse.Event], start: int = 0) -> list[sse.Event]:
-        for t in self.transforms[start:]:
-            out: list[sse.Event] = []
-            for e in events:
-                out.extend(t.on_event(e))
-            events = out
-        return events
-
-    def _emit(self, events: list[sse.Event]) -> bytes:
-        if self.acc is not None:
-            for e in events:
-                if e.data is not None:
-                    self.acc.feed(e.json())
-        return b"".join(sse.encode(e) for e in events)
-
-    def _usage(self, events: list[sse.Event]) -> None:
-        # usage belongs to the backend's answer even where a middleware hides it from
-        # the client (rate_limit asks for it on the client's behalf)
-        if self.acc is None:
-            return
-        for e in events:
-            if e.data is not None and '"usage"' in e.data:
-                doc = e.json()
-                usage = doc.get("usage") if isinstance(doc, dict) else None
-                if isinstance(usage, dict):
-                    self.acc.usage = usage
-
-    def _with_held(self, chunk: bytes) -> bytes:
-        """The held reads and `chunk`, as one; nothing is held after."""
-        if not self._held:
-            return chunk
-        data = b"".join([*self._held, chunk])
-        self._held.clear()
-        self._held_size = 0
-        return data
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.pending.buf and b"\n" not in chunk and b"\r" not in chunk:
-            self._held.append(chunk)
-            self._held_size += len(chunk)
-            if len(self.pending.buf) + self._held_size > MAX_EVENT_BYTES:
-                raise EventTooLarge()
-            return b""
-        events, self.pending = sse.parse(self.pending, self._with_held(chunk))
-        if len(self.pending.buf) > MAX_EVENT_BYTES:
-            raise EventTooLarge()
-        if not events:
-            return b""
-        self._watch(events)
-        self._usage(events)
-        return self._emit(self._through(events))
-
-    def end(self) -> bytes:
-        if self._held:
-            held = self._with_held(b"")
-            self.pending = sse.Pending(self.pending.buf + held, self.pending.after_cr)
-        events = sse.flush(self.pending)
-        self.pending = sse.START
-        self._watch(events)
-        self._usage(events)
-        for t in self.transforms:
-            out: list[sse.Event] = []
-            for e in events:
-                out.extend(t.on_event(e))
-            out.extend(t.on_end())
-            events = out
-        return self._emit(events)
-
-
 async def _relay_stream(
     ex: Exchange,
     up: Upstream,
@@ -375,7 +241,7 @@ async def _pump(
     keepalive = keepalive_seconds
     idle = up.cfg.timeouts.idle
     tick = min(idle, keepalive) if keepalive else idle
-    transformer = _Transformer(ex) if ex.needs_parse else None
+    transformer = StreamTransformer(ex) if ex.needs_parse else None
     chunk = first
     boundary = True
     silent = 0.0
@@ -387,7 +253,7 @@ async def _pump(
         while chunk:
             if transformer is None and boundary and b"error" in chunk:
                 # a backend error event may follow: parse from here on to normalise it
-                transformer = _Transformer(ex)
+                transformer = StreamTransformer(ex)
             if transformer is None:
                 await out.write(chunk)
                 boundary = chunk.endswith(_BOUNDARIES)

@@ -188,3 +188,15 @@ def changed(event: Event, payload: Any) -> Event:
         other=dict(event.other) if event.other else None,
         _json=payload,
     )
+
+
+def has_field(data: bytes) -> bool:
+    """Whether SSE bytes hold a line other than a comment or a blank line."""
+    if not data:
+        return False
+    if data[0:1] not in (b":", b"\r", b"\n"):
+        return True
+    for line in data.replace(b"\r", b"\n").split(b"\n"):
+        if line and not line.startswith(b":"):
+            return True
+    return False

@@ -10,58 +10,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast
+from proxy import jsonfast, sse
 from proxy.backend import BackendResponse as Response
 from proxy.backend import ClientError, ConnectTimeout, Disconnected
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
-from proxy.relay import MAX_EVENT_BYTES, TooLarge, read_capped, relay
+from proxy.forward import forward_headers
+from proxy.relay import TooLarge, read_capped, relay
 from proxy.routing import Upstream, Upstreams
+from proxy.transform import MAX_EVENT_BYTES
 
 __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
 
 log = logging.getLogger("chat_proxy.upstream")
 
-# request headers never forwarded: hop-by-hop ones, the client's credentials, and
-# those the proxy sets itself
-NEVER_FORWARDED = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        "accept-encoding",
-        "cookie",
-        "expect",
-        "x-request-id",
-        "proxy-connection",
-        # set by the proxy from what it saw (see _forwarded)
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    }
-)
-# the proxy reads what it must of an answer: it asks for it unencoded
-_IDENTITY = ("Accept-Encoding", "identity")
-# Connection options that name no header
-_CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade", ""})
 # an error body is read up to this much; the rest is never read
 MAX_ERROR_BODY = 1024 * 1024
-# ... and, when the proxy writes the JSON body itself, the client's Content-Type
-_NEVER_WITH_BODY = NEVER_FORWARDED | {"content-type"}
 
 
 class Failure(Exception):
@@ -76,78 +45,6 @@ class Failure(Exception):
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
-
-
-_OWN_ID = re.compile(r"^req_([0-9a-f]{1,32})$")
-
-
-def upstream_request_id(request_id: str) -> str:
-    """The X-Request-Id sent to the backend. The proxy's own ids (`req_` and 32 hex
-    digits) go as their digits, which parse as a UUID, as llama-cpp-python's server
-    demands (it answers any other value with an empty 400); a client's own id goes as
-    it came."""
-    own = _OWN_ID.match(request_id)
-    return own.group(1).rjust(32, "0") if own else request_id
-
-
-def _forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
-    """The client's headers less the hop-by-hop ones (those the client's Connection
-    header names too), those never forwarded and those the proxy sets; then the
-    proxy's own: X-Request-Id, X-Forwarded-*, Accept-Encoding, the upstream's key."""
-    request_headers = ex.request.headers
-    extra = ex.upstream_headers
-    drop = _NEVER_WITH_BODY if ex.body is not None else NEVER_FORWARDED
-    more = ex.upstream_drop_headers
-    if extra:
-        more = more | {k.lower() for k in extra}
-    if "Connection" in request_headers:
-        named = {
-            t.strip().lower() for v in request_headers.getall("Connection") for t in v.split(",")
-        } - _CONNECTION_OPTIONS
-        if named:
-            more = more | named
-    if more:
-        headers = [
-            (k, v)
-            for k, v in request_headers.items()
-            if (lk := k.lower()) not in drop and lk not in more
-        ]
-    else:
-        headers = [(k, v) for k, v in request_headers.items() if k.lower() not in drop]
-    headers.append(("X-Request-Id", upstream_request_id(ex.request_id)))
-    _forwarded(ex, headers)
-    headers.append(_IDENTITY)
-    if extra:
-        headers.extend(extra.items())
-    headers.extend(up.auth)
-    if ex.body is not None:
-        headers.append(("Content-Type", "application/json"))
-    return headers
-
-
-def _forwarded(ex: Exchange, headers: list[tuple[str, str]]) -> None:
-    """X-Forwarded-For with the peer's address appended (nginx's
-    $proxy_add_x_forwarded_for), X-Forwarded-Proto and X-Forwarded-Host: the scheme and
-    host the client used, or those a trusted balancer forwarded."""
-    request = ex.request
-    request_headers = request.headers
-    peer = request.remote or "unknown"
-    if "X-Forwarded-For" in request_headers:
-        peer = ", ".join([*request_headers.getall("X-Forwarded-For"), peer])
-    host = request_headers.get("Host")
-    if ex.remote is not None:  # the peer is a balancer of server.trusted_proxies
-        proto = request_headers.get("X-Forwarded-Proto") or request.scheme
-        host = request_headers.get("X-Forwarded-Host") or host
-    else:
-        proto = request.scheme
-    if host:
-        headers += (
-            ("X-Forwarded-For", peer),
-            ("X-Forwarded-Proto", proto),
-            ("X-Forwarded-Host", host),
-        )
-    else:
-        headers += (("X-Forwarded-For", peer), ("X-Forwarded-Proto", proto))
 
 
 def _backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
@@ -184,7 +81,7 @@ async def _open(
         resp = await up.pool.request(
             ex.request.method,
             target,
-            _forward_headers(ex, up),
+            forward_headers(ex, up),
             data,
             timeout=t.first_byte,
         )
@@ -205,7 +102,7 @@ async def _open(
                 raise Failure("bad_response", undecodable(exc), False) from None
         # comments (`: ping`) do not commit the answer: a stream is one once its first
         # event with a field has come
-        while not _has_field(first):
+        while not sse.has_field(first):
             more = await resp.read_chunk(max(deadline - loop.time(), 0.001))
             if decoder is not None:
                 try:
@@ -315,18 +212,6 @@ async def _open(
         if resp is not None:
             resp.close()
         raise
-
-
-def _has_field(data: bytes) -> bool:
-    """Whether SSE bytes hold a line other than a comment or a blank line."""
-    if not data:
-        return False
-    if data[0:1] not in (b":", b"\r", b"\n"):
-        return True
-    for line in data.replace(b"\r", b"\n").split(b"\n"):
-        if line and not line.startswith(b":"):
-            return True
-    return False
 
 
 async def _error_body(resp: Response, timeout: float) -> bytes:
@@ -463,7 +348,7 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
         timeout = up.cfg.timeouts.first_byte
         try:
             resp = await up.pool.request(
-                "GET", up.target("/models", ""), _forward_headers(ex, up), None, timeout=timeout
+                "GET", up.target("/models", ""), forward_headers(ex, up), None, timeout=timeout
             )
             try:
                 cap = MAX_ERROR_BODY if resp.status >= 400 else upstreams.max_response_bytes

@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.exchange import Exchange
-from proxy.relay import MAX_EVENT_BYTES, EventTooLarge, _Transformer
+from proxy.transform import MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
 from tests.unit.test_sse import parse_all, streams, view
 
 
-def transformer() -> _Transformer:
+def transformer() -> StreamTransformer:
     request = make_mocked_request("POST", "/v1/chat/completions")
-    return _Transformer(Exchange(request=request, route="chat", scope="chat", request_id="r"))
+    return StreamTransformer(Exchange(request=request, route="chat", scope="chat", request_id="r"))
 
 
 def relay(parts: list[bytes]) -> bytes:
