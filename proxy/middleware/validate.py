@@ -1,4 +1,6 @@
-"""validate: check a chat request's parameters before it reaches the backend.
+"""validate: check a chat request's parameters before it reaches the backend (over 400
+lines, on purpose: the checks of every parameter of the API are one table, read best
+in one place).
 
 Acts on POST /v1/chat/completions only. Every parameter of the Chat Completions API
 is checked against its type and range; the first bad one answers 400 with `param`
