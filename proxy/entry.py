@@ -111,7 +111,7 @@ async def _read(ex: Exchange, rt: Runtime) -> None:
     raw = await inbound.read_body(request, server.max_body_bytes, server.timeouts.body)
     ex.raw_body = raw
     route = ex.route
-    if route is CHAT or (route is PASSTHROUGH and raw):
+    if route is CHAT or (raw and (route is PASSTHROUGH or route.terminal is not None)):
         ctype = request.headers.get("Content-Type", "")
         if route is PASSTHROUGH and forms.is_form(ctype):
             ex.form = True
