@@ -1,5 +1,8 @@
 """The contract every backend client keeps, run against each implementation.
 
+(Over 400 lines: the scripted server, the certificates and the contract sit in one
+file so that a third client has one file to pass.)
+
 Each test runs once with `proxy.backend.http1.Pool` and once with
 `proxy.backend.aiohttp_client.AiohttpClient`, against a scripted server on 127.0.0.1
 that reads the request and writes exact bytes. What a caller of either sees must be

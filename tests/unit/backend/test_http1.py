@@ -1,5 +1,8 @@
 """The backends' HTTP/1.1 client against real sockets.
 
+(Long: one scripted server and a test per behaviour of the wire, kept together so
+that the server's helpers are shared without a module of their own.)
+
 Each test runs a small scripted server on 127.0.0.1 that reads the request and
 writes exact bytes, and checks what a caller of `Pool` and `Response` sees: the
 status, headers and body, the exceptions, and (counting the connections the server

@@ -1,5 +1,7 @@
 """proxy/backend/http1's response parser against h11's, on the same bytes.
 
+(Long: it is mostly the table of cases, each with the reason it is there.)
+
 Each backend answer goes to both parsers. Ours is driven the way the event loop
 drives it, through `_Conn.data_received` and `_Conn.connection_lost`, with the
 answer split at every byte position (and, from hypothesis, at random ones); h11
