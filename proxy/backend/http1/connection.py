@@ -8,13 +8,22 @@ slows the backend down rather than filling the proxy's memory.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from proxy.backend.base import Disconnected, ResponseError
 from proxy.backend.http1.parser import _DONE, _HEAD, _UNTIL_CLOSE, ResponseParser
 
-if TYPE_CHECKING:
-    from proxy.backend.http1.pool import Pool
+
+class Owner(Protocol):
+    """What a connection needs of its pool (proxy/backend/http1/pool.py), named here so
+    that the connection does not import the pool that imports it."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def _forget(self, conn: _Conn) -> None: ...
+
+    def _release(self, conn: _Conn, reusable: bool) -> None: ...
+
 
 HIGH_WATER = 1024 * 1024  # body bytes buffered before the backend is paused
 
@@ -34,7 +43,7 @@ class _Conn(ResponseParser, asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Owner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
