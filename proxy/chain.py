@@ -21,7 +21,7 @@ from proxy.exchange import Exchange, Handler, Middleware
 from proxy.routes import Route
 
 if TYPE_CHECKING:
-    from proxy.store.base import SessionStore
+    from proxy.sessions.store.base import SessionStore
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -123,15 +123,6 @@ def register(
     return deco
 
 
-def _load_builtins() -> None:
-    import proxy.middleware  # noqa: F401  (registers the built-ins)
-
-
-def registered_types() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
 def _import_factory(ref: str) -> Factory:
     module_name, _, attr = ref.partition(":")
     module = importlib.import_module(module_name)
@@ -145,7 +136,6 @@ def _import_factory(ref: str) -> Factory:
 
 def resolve_entries(raw: list[Any]) -> tuple[tuple[MiddlewareEntry, ...], list[str]]:
     """Validate each chain entry against its type's options model."""
-    _load_builtins()
     entries: list[MiddlewareEntry] = []
     errors: list[str] = []
     for i, item in enumerate(raw):
@@ -190,7 +180,6 @@ def build_chain(ctx: BuildContext) -> Chain:
     """Call every factory of the chain, top of the list first."""
     from proxy.config import ConfigError
 
-    _load_builtins()
     built: list[tuple[str, Feature]] = []
     errors: list[str] = []
     for i, entry in enumerate(ctx.config.chain):
@@ -220,7 +209,6 @@ def build_chain(ctx: BuildContext) -> Chain:
 def order_warnings(entries: tuple[MiddlewareEntry, ...]) -> list[str]:
     """Entries that stand before one they need first (each type's `after`), with both
     paths: such a chain works, but not as its author most likely meant."""
-    _load_builtins()
     lines: list[str] = []
     first: dict[str, int] = {}
     for i, entry in enumerate(entries):

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import proxy.middleware  # noqa: F401  (registers the built-in middleware types)
 from proxy.chain import resolve_entries
 from proxy.config import ConfigError, LoadedConfig, MiddlewareEntry, parse_text, read_file
 
