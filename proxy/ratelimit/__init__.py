@@ -1,8 +1,11 @@
 """Rate limiting: GCRA per key for requests and tokens, and a concurrency count.
 
-Two limiters share one protocol: `MemoryLimiter` (counters in this process) and
-`RedisLimiter` (counters in Redis, one atomic Lua script per check, shared by every
-worker and replica).
+This package holds the whole feature. Here: the protocol of a limiter and the types
+it speaks in. `algorithm` is the GCRA arithmetic; two limiters share the protocol:
+`local.MemoryLimiter` (counters in this process) and `redis.RedisLimiter` (counters
+in Redis, one atomic Lua script per check, shared by every worker and replica). The
+rate_limit middleware is `middleware`, with its `options`, the token `estimate` of
+a request at admission and the `meter` that settles it when the response ends.
 """
 
 from __future__ import annotations

@@ -17,44 +17,33 @@ replica) or this process (memory, sqlite).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import Field
 
-from proxy import sse
 from proxy.chain import BuildContext, Feature, register
 from proxy.config import WORKERS_ENV, Limits
 from proxy.errors import ProxyError
 from proxy.exchange import Exchange, Handler
-from proxy.ratelimit import Decision, Limiter, Quota, StoreError, Window, format_reset
-from proxy.ratelimit.memory import MemoryLimiter
-from proxy.routes import CHAT, Route
+from proxy.ratelimit import Decision, Limiter, Quota, StoreError, format_reset
+from proxy.ratelimit.estimate import Estimate, estimate
+from proxy.ratelimit.local import MemoryLimiter
+from proxy.ratelimit.meter import Meter, attach
+from proxy.ratelimit.options import RateLimitOptions, effective_quota
+from proxy.routes import Route
 
 log = logging.getLogger("chat_proxy.rate_limit")
 
-_IMAGE_TOKENS = 85  # what an image part of a message is reckoned at
 _NAMES = {
     "requests": "requests per minute",
     "tokens": "tokens per minute",
     "concurrent": "concurrent requests",
 }
-
-
-class RateLimitOptions(Limits):
-    """The defaults for keys without their own limits, and how to count."""
-
-    on_store_error: Literal["allow", "deny"] = "allow"
-    # completion tokens reserved for a request that sets no max_tokens
-    default_max_tokens: int = Field(512, gt=0)
-    # ask the backend for the usage chunk of a stream, to settle tokens exactly
-    stream_usage: bool = True
 
 
 class _Throttled:
@@ -75,179 +64,6 @@ class _Throttled:
         self._suppressed = 0
         self._next = now + self.every
         log.warning(message, extra=fields)
-
-
-# ---------------------------------------------------------------------------
-# token estimates
-
-
-def _chars(value: Any) -> tuple[int, int]:
-    """(characters of text, image parts) in a message content or a prompt input."""
-    if isinstance(value, str):
-        return len(value), 0
-    chars = images = 0
-    if isinstance(value, list):
-        for part in value:
-            if isinstance(part, str):
-                chars += len(part)
-            elif isinstance(part, int):
-                chars += 4  # a token id of a pre-tokenised prompt
-            elif isinstance(part, list):
-                chars += 4 * len(part)
-            elif isinstance(part, dict):
-                if isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-                elif part.get("type") in ("image_url", "input_image", "image"):
-                    images += 1
-                else:
-                    chars += len(json.dumps(part))
-    return chars, images
-
-
-def estimate_prompt(body: dict[str, Any] | None) -> int:
-    """A cheap estimate of a request's prompt tokens: a token is about 4 characters,
-    plus a few per message for the chat template."""
-    if body is None:
-        return 0
-    chars = images = items = 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for msg in messages:
-            if not isinstance(msg, dict):
-                continue
-            items += 1
-            content = msg.get("content")
-            if type(content) is str:
-                chars += len(content)
-            elif content is not None:
-                c, i = _chars(content)
-                chars += c
-                images += i
-            calls = msg.get("tool_calls")
-            if calls is not None and isinstance(calls, list):
-                chars += len(json.dumps(calls))
-        if isinstance(body.get("tools"), list):
-            chars += len(json.dumps(body["tools"]))
-    for name in ("prompt", "input"):
-        value = body.get(name)
-        if value is not None:
-            c, i = _chars(value)
-            chars += c
-            images += i
-    if not chars and not images and not items:
-        return 0
-    return math.ceil(chars / 4) + 4 * items + 3 + _IMAGE_TOKENS * images
-
-
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
-
-
-@dataclass(slots=True)
-class Estimate:
-    prompt: int
-    completion: int
-    explicit: bool  # the completion part comes from the request's max_tokens
-
-    @property
-    def total(self) -> int:
-        return self.prompt + self.completion
-
-
-def estimate(ex: Exchange, default_max_tokens: int) -> Estimate:
-    body = ex.body
-    prompt = estimate_prompt(body)
-    if body is None:
-        return Estimate(prompt, 0, False)
-    value = body.get("n")
-    n = 1 if value is None else _positive_int(value) or 1
-    value = body.get("max_completion_tokens")
-    limit = None if value is None else _positive_int(value)
-    if limit is None:
-        limit = _positive_int(body.get("max_tokens"))
-    if limit is not None:
-        return Estimate(prompt, limit * n, True)
-    generates = ex.route is CHAT or ex.request.path.endswith("/completions")
-    return Estimate(prompt, default_max_tokens * n if generates else 0, False)
-
-
-def usage_total(usage: Any) -> int | None:
-    if not isinstance(usage, dict):
-        return None
-    total = _positive_int(usage.get("total_tokens"))
-    if total is not None:
-        return total
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    counted = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
-    return sum(counted) if counted else None
-
-
-def _content_chars(choices: Any, key: str) -> int:
-    chars = 0
-    if isinstance(choices, list):
-        for choice in choices:
-            part = choice.get(key) if isinstance(choice, dict) else None
-            if isinstance(part, dict):
-                if isinstance(part.get("content"), str):
-                    chars += len(part["content"])
-                if isinstance(part.get("tool_calls"), list):
-                    chars += len(json.dumps(part["tool_calls"]))
-            elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
-                chars += len(choice["text"])
-    return chars
-
-
-class Meter:
-    """Finds the real usage of a response: the usage chunk of a stream (dropped when
-    the proxy asked for it on the client's behalf) or the usage of a JSON body."""
-
-    def __init__(self, hide_usage: bool) -> None:
-        self.hide_usage = hide_usage
-        self.usage: dict[str, Any] | None = None
-        self.chars = 0
-        self.completed = False
-
-    def on_event(self, event: sse.Event) -> list[sse.Event]:
-        doc = event.json()
-        if not isinstance(doc, dict):
-            return [event]
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-            if self.hide_usage and doc.get("choices") == []:
-                return []
-        self.chars += _content_chars(doc.get("choices"), "delta")
-        return [event]
-
-    def on_end(self) -> list[sse.Event]:
-        return []
-
-    def on_complete(self, ex: Exchange) -> None:
-        doc = ex.completion
-        if not isinstance(doc, dict):
-            return
-        self.completed = True
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        elif self.usage is not None:
-            # the usage chunk was hidden from the client: later callbacks still see it
-            doc["usage"] = self.usage
-        if not ex.stream:
-            self.chars = _content_chars(doc.get("choices"), "message")
-
-    def actual(self, ex: Exchange, est: Estimate) -> int:
-        """The tokens the request used, as well as the proxy can tell."""
-        total = usage_total(self.usage)
-        if total is not None:
-            return total
-        if ex.ttfb is None or not (200 <= ex.status < 300):
-            return 0  # the backend refused it or never answered
-        if self.completed or ex.stream:
-            return est.prompt + math.ceil(self.chars / 4)
-        return est.total
 
 
 # ---------------------------------------------------------------------------
@@ -318,22 +134,6 @@ def _too_large(ex: Exchange, key: str, tpm: int, est: Estimate) -> ProxyError:
 
 # ---------------------------------------------------------------------------
 # the middleware
-
-
-def effective_quota(defaults: Limits, own: Limits | None, route: Route) -> Quota:
-    """The key's own limits where it has them, the defaults elsewhere; by route."""
-
-    def pick(name: str) -> int | None:
-        mine = getattr(own, name) if own is not None else None
-        value: int | None = mine if mine is not None else getattr(defaults, name)
-        return value
-
-    rpm = pick("requests_per_minute")
-    if route.metered == "requests":
-        return Quota(requests_per_minute=rpm)
-    if route.metered == "none":
-        return Quota()
-    return Quota(rpm, pick("tokens_per_minute"), pick("max_concurrent"))
 
 
 def _workers() -> int:
@@ -478,18 +278,7 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
         _headers(decision, ex.response_headers)
         meter: Meter | None = None
         if est is not None and ex.body is not None:
-            hide = False
-            if ex.route is CHAT and ex.wants_stream and options.stream_usage:
-                opts = ex.body.get("stream_options")
-                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                    ex.body["stream_options"] = {
-                        **(opts if isinstance(opts, dict) else {}),
-                        "include_usage": True,
-                    }
-                    hide = True
-            meter = Meter(hide)
-            ex.event_transforms.append(meter)
-            ex.on_complete.append(meter.on_complete)
+            meter = attach(ex, ex.body, options.stream_usage)
         try:
             return await call_next(ex)
         finally:
@@ -516,4 +305,4 @@ async def _settle(
         )
 
 
-__all__ = ["Estimate", "Meter", "RateLimitOptions", "Window", "estimate", "estimate_prompt"]
+__all__ = ["HandedOn", "RateLimitOptions", "rate_limit"]

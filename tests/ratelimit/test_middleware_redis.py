@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, completion
-from tests.integration.test_rate_limit import REDIS_URL, drop_keys, require_redis
+from tests.ratelimit.fixtures import REDIS_URL, drop_keys, require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ upstreams:
     url: "echo:"
 store: {{backend: redis, url: "{REDIS_URL}", prefix: "{redis_prefix}"}}
 middleware:
-  - type: tests.integration.test_rate_limit:keyed
+  - type: tests.ratelimit.fixtures:keyed
   - type: rate_limit
     requests_per_minute: 50
 """
