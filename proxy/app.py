@@ -20,7 +20,7 @@ from proxy.errors import install_http_error_shape
 from proxy.exchange import Exchange, Handler
 from proxy.routes import CHAT, MODELS, Routes
 from proxy.runtime import STATE, Runtime, State
-from proxy.store.base import SessionStore
+from proxy.sessions.store.base import SessionStore
 
 log = logging.getLogger("chat_proxy")
 
@@ -131,7 +131,7 @@ def build_app(config: LoadedConfig) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        from proxy.store import open_store
+        from proxy.sessions.store import open_store
 
         store = await open_store(config.store) if _needs_store(config) else None
         rt = await build_runtime(config, store)

@@ -56,7 +56,7 @@ from proxy.chain import BuildContext, build_chain, compose  # noqa: E402
 from proxy.exchange import Exchange, Handler, Identity  # noqa: E402
 from proxy.loader import load  # noqa: E402
 from proxy.routes import CHAT  # noqa: E402
-from proxy.store import open_store  # noqa: E402
+from proxy.sessions.store import open_store  # noqa: E402
 
 ORDER = ("auth", "rate_limit", "validate", "session", "model_override")
 

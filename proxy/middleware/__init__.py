@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 import proxy.ratelimit.middleware  # noqa: F401  (registers rate_limit)
+import proxy.sessions  # noqa: F401  (registers session)
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from proxy.errors import ProxyError, bad_request, not_found
-from proxy.exchange import Exchange
-from proxy.store import Session, SessionStore, UnknownCursor
-
-if TYPE_CHECKING:
-    from proxy.middleware.session import Writer
+from proxy.exchange import Exchange, Route
+from proxy.sessions.store import Session, SessionStore, UnknownCursor
 
 log = logging.getLogger("chat_proxy.session")
 T = TypeVar("T")
@@ -28,6 +25,7 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
 SessionsApi = Callable[[Exchange], Awaitable[web.StreamResponse]]
+Flush = Callable[[], Awaitable[None]]  # waits until the turns queued so far are written
 
 
 def session_object(s: Session, *, turns: bool = False) -> dict[str, Any]:
@@ -91,14 +89,26 @@ async def _ask(call: Awaitable[T]) -> T:
         ) from None
 
 
-def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
-    """The handler the app routes /v1/sessions* to."""
+def sessions_route(store: SessionStore, flush: Flush) -> Route:
+    """The Sessions API's route: its paths, the scope each method needs, its handler."""
+    return Route(
+        "sessions",
+        {"GET": "sessions:read", "DELETE": "sessions:write", "*": "sessions:read"},
+        paths=(PREFIX,),
+        prefixes=(PREFIX + "/",),
+        terminal=sessions_api(store, flush),
+    )
+
+
+def sessions_api(store: SessionStore, flush: Flush) -> SessionsApi:
+    """The handler the app routes /v1/sessions* to. `flush` is called before each
+    read and delete, so that they see every turn answered before them."""
 
     async def list_sessions(ex: Exchange) -> web.StreamResponse:
         query = ex.request.query
         limit = _limit(query.get("limit"))
         after = query.get("after") or None
-        await writer.flush()
+        await flush()
         try:
             page = await _ask(store.list_sessions(ex.client_id, limit, after))
         except UnknownCursor:
@@ -118,14 +128,14 @@ def sessions_api(store: SessionStore, writer: Writer) -> SessionsApi:
         )
 
     async def get_session(ex: Exchange, session_id: str) -> web.StreamResponse:
-        await writer.flush()
+        await flush()
         session = await _ask(store.get_session(ex.client_id, session_id))
         if session is None:
             raise _unknown(session_id)
         return web.json_response(session_object(session, turns=True), headers=ex.response_headers)
 
     async def delete_session(ex: Exchange, session_id: str) -> web.StreamResponse:
-        await writer.flush()
+        await flush()
         if not await _ask(store.delete_session(ex.client_id, session_id)):
             raise _unknown(session_id)
         return web.json_response(

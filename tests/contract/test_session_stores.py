@@ -1,14 +1,10 @@
 """One suite for every session store: memory, SQLite (a temporary file) and Redis
-(127.0.0.1:6379, a fresh key prefix per test, removed afterwards)."""
+(127.0.0.1:6379, a fresh key prefix per test, removed afterwards): the contract the
+session middleware and the Sessions API rely on."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,11 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.config import StoreConfig
-from proxy.store import MemoryStore, SessionStore, TurnRecord, UnknownCursor, open_store
+from proxy.sessions.store import MemoryStore, SessionStore, TurnRecord, UnknownCursor, open_store
 
 Opener = Callable[[], Awaitable[SessionStore]]
 REDIS_URL = "redis://127.0.0.1:6379/0"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -285,60 +280,3 @@ async def test_another_instance_sees_the_sessions(
     session = await second.get_session("key-a", "sess_1")
     assert session is not None and session.turn_count == 1
     assert await second.ping() is True
-
-
-_WRITER = """
-import asyncio, sys
-from proxy.store.sqlite import SQLiteStore
-from proxy.store.base import TurnRecord
-
-async def main() -> None:
-    store = await SQLiteStore.open(sys.argv[1])
-    i = 0
-    while True:
-        batch = []
-        for _ in range(5):
-            i += 1
-            batch.append(TurnRecord(owner="o", session_id=f"s{i % 7}", at=float(i), source="new",
-                key_id=None, model="m", turn={"n": i, "pad": "x" * 4000}, total_tokens=1,
-                digests=(f"d{i}",)))
-        await store.record_turns(batch)
-        print(i, flush=True)
-
-asyncio.run(main())
-"""
-
-
-def test_sqlite_file_survives_kill_9(tmp_path: Path) -> None:
-    """A writer killed mid-stream leaves a consistent file holding every turn it had
-    committed."""
-    db = tmp_path / "sessions.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(db)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None
-    acknowledged = 0
-    try:
-        for line in proc.stdout:
-            acknowledged = int(line)
-            if acknowledged >= 600:
-                break
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    assert acknowledged >= 600
-    con = sqlite3.connect(db)
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        turns = con.execute("SELECT count(*) FROM turns").fetchone()[0]
-        counted, tokens = con.execute(
-            "SELECT sum(turn_count), sum(total_tokens) FROM sessions"
-        ).fetchone()
-    finally:
-        con.close()
-    assert turns >= acknowledged
-    assert counted == turns == tokens

@@ -22,7 +22,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend
 
-from proxy.middleware.session import forwarded_id
+from proxy.sessions.ids import forwarded_id
 from tests.conftest import DONE, Backend, ProxyFactory, chunk, sse_handler, usage_chunk
 
 Client = Any

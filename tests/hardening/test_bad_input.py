@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.entry import MAX_JSON_DEPTH
-from proxy.middleware.session import SAFE_ID
+from proxy.sessions.ids import SAFE_ID
 from tests.hardening.conftest import (
     ALICE,
     KEYS,

@@ -11,14 +11,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.middleware import session as session_mw
+from proxy.sessions import ids, middleware
 from tests.conftest import ProxyFactory
-from tests.integration import test_sessions
-from tests.integration.test_sessions import REDIS_URL, chat, config, fetch, user
-
-sqlite_store = test_sessions.sqlite_store
-redis_store = test_sessions.redis_store
-any_store = test_sessions.any_store
+from tests.sessions.fixtures import REDIS_URL, chat, config, fetch, user
 
 
 class Clock:
@@ -32,7 +27,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(session_mw, "clock", fake)
+    monkeypatch.setattr(ids, "clock", fake)
     return fake
 
 
@@ -252,7 +247,7 @@ async def test_retention_purges_idle_sessions(
     clock: Clock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(session_mw, "PURGE_EVERY", 0.05)
+    monkeypatch.setattr(middleware, "PURGE_EVERY", 0.05)
     client = await make_proxy(config(sqlite_store, {"retention_days": 7}))
     old_history = [user("six days ago")]
     clock.now -= 6 * 86400

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.middleware import session
+from proxy.sessions import digest
 
 _ENC = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _WS = re.compile(r"\s+")
@@ -189,12 +189,12 @@ def outcome(fn: Any, *args: Any) -> Any:
 def test_digests_match_the_reference(
     owner: str, convo: list[dict[str, Any]], replies: list[dict[str, Any]]
 ) -> None:
-    assert outcome(session.lookup_digest, owner, convo) == outcome(ref_lookup, owner, convo)
-    assert outcome(session.record_digests, owner, convo, replies) == outcome(
+    assert outcome(digest.lookup_digest, owner, convo) == outcome(ref_lookup, owner, convo)
+    assert outcome(digest.record_digests, owner, convo, replies) == outcome(
         ref_record, owner, convo, replies
     )
     for m in [*convo, *replies]:
-        assert session.normalise(m) == ref_normalise(m)
+        assert digest.normalise(m) == ref_normalise(m)
 
 
 def test_every_character_collapses_and_encodes_as_the_reference() -> None:
@@ -204,8 +204,8 @@ def test_every_character_collapses_and_encodes_as_the_reference() -> None:
         user = {"role": "user", "content": f"  a{block}b  {block[::-1]} "}
         reply = {"role": "assistant", "content": block}
         convo = [user, reply]
-        assert session.lookup_digest("k", convo) == ref_lookup("k", convo)
-        assert session.record_digests("k", [user], [reply]) == ref_record("k", [user], [reply])
+        assert digest.lookup_digest("k", convo) == ref_lookup("k", convo)
+        assert digest.record_digests("k", [user], [reply]) == ref_record("k", [user], [reply])
 
 
 def test_a_known_digest_is_unchanged() -> None:
@@ -215,5 +215,5 @@ def test_a_known_digest_is_unchanged() -> None:
         {"role": "user", "content": "Say hello in one short sentence, please."},
         {"role": "assistant", "content": "Hello!  How can I\thelp?"},
     ]
-    assert session.lookup_digest("bench", convo) == ref_lookup("bench", convo)
-    assert session.lookup_digest("bench", convo) == "69873dac13c13cc295fdde5b0c177f55"
+    assert digest.lookup_digest("bench", convo) == ref_lookup("bench", convo)
+    assert digest.lookup_digest("bench", convo) == "69873dac13c13cc295fdde5b0c177f55"

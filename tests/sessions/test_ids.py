@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from proxy.middleware import session as session_mw
-from proxy.middleware.session import SAFE_ID, new_session_id
+from proxy.sessions import ids as session_ids
+from proxy.sessions.ids import SAFE_ID, new_session_id
 
 SHAPE = re.compile(r"^sess_(?P<ms>[0-9a-f]{12})(?P<random>[0-9a-f]{32})$")
 
@@ -56,7 +56,7 @@ def test_ids_are_the_time_then_at_least_96_random_bits() -> None:
 def test_ids_of_one_millisecond_differ_in_their_random_part(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(session_mw, "clock", lambda: 1_796_000_000.1234)
+    monkeypatch.setattr(session_ids, "clock", lambda: 1_796_000_000.1234)
     ids = [new_session_id() for _ in range(1000)]
     split = [parts(sid) for sid in ids]
     assert {ms for ms, _ in split} == {1_796_000_000_123}
@@ -67,7 +67,7 @@ def test_ids_of_one_millisecond_differ_in_their_random_part(
 
 def test_ids_sort_by_creation_time(monkeypatch: pytest.MonkeyPatch) -> None:
     ticks = iter(range(1_796_000_000_000, 1_796_000_000_500))
-    monkeypatch.setattr(session_mw, "clock", lambda: next(ticks) / 1000)
+    monkeypatch.setattr(session_ids, "clock", lambda: next(ticks) / 1000)
     ids = [new_session_id() for _ in range(500)]
     assert sorted(ids) == ids
     assert [parts(sid)[0] for sid in ids] == list(range(1_796_000_000_000, 1_796_000_000_500))

@@ -19,9 +19,10 @@ from aiohttp.test_utils import make_mocked_request
 
 from proxy.chain import BuildContext
 from proxy.exchange import Exchange, Identity
-from proxy.middleware import session as session_mw
 from proxy.routes import CHAT
-from proxy.store import MemoryStore, SessionStore
+from proxy.sessions import middleware as session_mw
+from proxy.sessions.options import SessionOptions
+from proxy.sessions.store import MemoryStore, SessionStore
 
 
 async def run_turn(
@@ -37,7 +38,7 @@ async def run_turn(
     """One chat request through the session middleware; `after(ex)` runs once the
     turn is recorded, as a later completion callback would."""
     ctx = BuildContext(config=None, store=store)  # type: ignore[arg-type]
-    feature = session_mw.session(session_mw.SessionOptions(store_content=store_content), ctx)
+    feature = session_mw.session(SessionOptions(store_content=store_content), ctx)
     mw = feature.middleware
     for hook in feature.startup:
         await hook()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.store import SessionStore, TurnRecord
+from proxy.sessions.store import SessionStore, TurnRecord
 
 
 def rec(

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.middleware.session import Writer
-from proxy.store.base import TurnRecord
-from proxy.store.redis import RedisStore
+from proxy.sessions.store.base import TurnRecord
+from proxy.sessions.store.redis import RedisStore
+from proxy.sessions.writer import Writer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.middleware.session import Writer
-from proxy.store.base import TurnRecord
-from proxy.store.memory import MemoryStore
+from proxy.sessions.store.base import TurnRecord
+from proxy.sessions.store.memory import MemoryStore
+from proxy.sessions.writer import Writer
 
 
 class Picky(MemoryStore):

@@ -6,8 +6,8 @@ import asyncio
 import logging
 
 from proxy.config import ConfigError, StoreConfig
-from proxy.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
-from proxy.store.memory import MemoryStore
+from proxy.sessions.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
+from proxy.sessions.store.memory import MemoryStore
 
 __all__ = [
     "MemoryStore",
@@ -28,14 +28,14 @@ async def open_store(cfg: StoreConfig) -> SessionStore:
     if cfg.backend == "sqlite":
         import sqlite3
 
-        from proxy.store.sqlite import SQLiteStore
+        from proxy.sessions.store.sqlite import SQLiteStore
 
         try:
             return await SQLiteStore.open(cfg.path)
         except (sqlite3.Error, OSError, RuntimeError) as exc:
             raise ConfigError([f"store.path: cannot open {cfg.path} for writing ({exc})"]) from None
     if cfg.backend == "redis":
-        from proxy.store.redis import RedisStore
+        from proxy.sessions.store.redis import RedisStore
 
         store = RedisStore(cfg.url, cfg.prefix)
         try:

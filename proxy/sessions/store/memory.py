@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from proxy import jsonfast
 from proxy.jsonfast import copy_tree
-from proxy.store.base import Page, Session, TurnRecord, UnknownCursor
+from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor
 
 Key = tuple[str, str]
 

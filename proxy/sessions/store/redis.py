@@ -25,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proxy.store.base import Page, Session, TurnRecord, UnknownCursor, session_from_row
+from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor, session_from_row
 
 _FIND = """
 local sid = redis.call('GET', KEYS[1])

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.store.base import Page, Session, TurnRecord, UnknownCursor, json_text
+from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor, json_text
 
 T = TypeVar("T")
 
