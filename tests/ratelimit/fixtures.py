@@ -1,5 +1,6 @@
 """Helpers shared by the rate-limit tests: the Redis they count in, a stand-in for
-auth that calls as a named key, and a clock that moves only when told."""
+auth that calls as a named key, the config and requests of a limited proxy, and a
+clock that moves only when told."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from proxy.chain import BuildContext
 from proxy.config import Limits
 from proxy.exchange import Exchange, Handler, Identity, Middleware
+from tests.conftest import (
+    BASIC,
+    chat_body,
+    chunk,
+    completion,
+    json_handler,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -66,3 +75,54 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def config(limits: str, store: str = "store: {backend: memory}\n", keys: str = "{}") -> str:
+    """A proxy with the stand-in auth and a rate_limit whose options are `limits`, a
+    YAML flow mapping."""
+    options = limits.strip().removeprefix("{").removesuffix("}")
+    return (
+        BASIC
+        + store
+        + f"""
+middleware:
+  - type: tests.ratelimit.fixtures:keyed
+    keys: {keys}
+  - {{type: rate_limit, {options}}}
+"""
+    )
+
+
+async def post(
+    client: TestClient[Any, Any], body: dict[str, Any] | None = None, key: str | None = None
+) -> Any:
+    headers = {"X-Test-Key": key} if key else {}
+    return await client.post("/v1/chat/completions", json=body or chat_body(), headers=headers)
+
+
+async def refusals(client: TestClient[Any, Any], limit: str) -> float:
+    """The chat_proxy_rate_limit_refusals_total counter for `limit` in /metrics."""
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(f'chat_proxy_rate_limit_refusals_total{{limit="{limit}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def usage_handler(total: int, prompt: int = 5) -> Any:
+    return json_handler(
+        completion(
+            usage={
+                "prompt_tokens": prompt,
+                "completion_tokens": total - prompt,
+                "total_tokens": total,
+            }
+        )
+    )
+
+
+# chat_body("Hi") is reckoned at 8 prompt tokens: ceil(2 chars / 4) + 4 per message + 3
+HI_PROMPT = 8
+
+
+STREAM = [chunk("", role="assistant"), chunk("Hello"), chunk(" there"), chunk(None, finish="stop")]

@@ -1,19 +1,16 @@
-"""The rate_limit middleware as a client sees it: headers, 429s, token settlement,
-streams, concurrency, per-key limits; with counters in memory and in Redis."""
+"""The rate_limit middleware as a client sees it: headers, 429s, concurrency, per-key
+limits, routes and its options; with counters in memory and in Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from tests.conftest import (
     BASIC,
@@ -25,69 +22,15 @@ from tests.conftest import (
     completion,
     json_handler,
     sse_handler,
-    usage_chunk,
 )
-from tests.ratelimit.fixtures import REDIS_URL, drop_keys, require_redis
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    """The store section of the config: counters in memory, or in the real Redis."""
-    if request.param == "memory":
-        yield "store: {backend: memory}\n"
-        return
-    require_redis()
-    prefix = f"test-rl-{uuid.uuid4().hex[:8]}:"
-    yield f'store: {{backend: redis, url: "{REDIS_URL}", prefix: "{prefix}"}}\n'
-    await drop_keys(prefix)
-
-
-def config(limits: str, store: str = "store: {backend: memory}\n", keys: str = "{}") -> str:
-    """A proxy with the stand-in auth and a rate_limit whose options are `limits`, a
-    YAML flow mapping."""
-    options = limits.strip().removeprefix("{").removesuffix("}")
-    return (
-        BASIC
-        + store
-        + f"""
-middleware:
-  - type: tests.ratelimit.fixtures:keyed
-    keys: {keys}
-  - {{type: rate_limit, {options}}}
-"""
-    )
-
-
-async def post(
-    client: TestClient[Any, Any], body: dict[str, Any] | None = None, key: str | None = None
-) -> Any:
-    headers = {"X-Test-Key": key} if key else {}
-    return await client.post("/v1/chat/completions", json=body or chat_body(), headers=headers)
-
-
-async def refusals(client: TestClient[Any, Any], limit: str) -> float:
-    """The chat_proxy_rate_limit_refusals_total counter for `limit` in /metrics."""
-    text = await (await client.get("/metrics")).text()
-    for line in text.splitlines():
-        if line.startswith(f'chat_proxy_rate_limit_refusals_total{{limit="{limit}"}}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def usage_handler(total: int, prompt: int = 5) -> Any:
-    return json_handler(
-        completion(
-            usage={
-                "prompt_tokens": prompt,
-                "completion_tokens": total - prompt,
-                "total_tokens": total,
-            }
-        )
-    )
-
-
-# chat_body("Hi") is reckoned at 8 prompt tokens: ceil(2 chars / 4) + 4 per message + 3
-HI_PROMPT = 8
+from tests.ratelimit.fixtures import (
+    HI_PROMPT,
+    STREAM,
+    config,
+    post,
+    refusals,
+    usage_handler,
+)
 
 
 async def test_headers_on_every_chat_response(
@@ -153,127 +96,6 @@ async def test_sdk_sees_a_rate_limit_error(
     assert caught.value.code == "rate_limit_exceeded"
     assert int(caught.value.response.headers["retry-after"]) == 60
     await sdk.close()
-
-
-async def test_tokens_settle_against_the_reported_usage(
-    make_proxy: ProxyFactory, backend: Backend, store: str
-) -> None:
-    # 100 tokens a minute: one comes back every 600 ms, so the test's own time does not count
-    backend.chat(usage_handler(7))
-    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - HI_PROMPT - 50)
-    # the first used 7 tokens: 93 left, and this one reserves 58 of them
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.headers["x-ratelimit-remaining-tokens"] == str(93 - 58)
-
-    backend.chat(usage_handler(90))  # more than reserved: the difference is charged
-    resp = await post(client, chat_body(max_tokens=1))
-    assert resp.status == 200
-    resp = await post(client, chat_body(max_tokens=1))
-    assert resp.status == 429
-    err = (await resp.json())["error"]
-    assert "tokens per minute (limit 100" in err["message"]
-
-
-async def test_a_request_that_would_itself_exceed_the_tokens_left_is_refused(
-    make_proxy: ProxyFactory, backend: Backend, store: str
-) -> None:
-    backend.chat(usage_handler(HI_PROMPT + 50))
-    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
-    assert (await post(client, chat_body(max_tokens=50))).status == 200  # 42 left
-    resp = await post(client, chat_body(max_tokens=40))  # needs 48
-    assert resp.status == 429
-    err = (await resp.json())["error"]
-    assert "remaining 42, this request needs about 48" in err["message"]
-    assert resp.headers["x-ratelimit-remaining-tokens"] == "42"
-    assert int(resp.headers["Retry-After"]) == 4  # 6 tokens short, 600 ms each
-    assert (await post(client, chat_body(max_tokens=30))).status == 200  # needs 38
-    assert len(backend.seen) == 2
-
-
-async def test_a_request_larger_than_the_whole_budget_says_so(
-    make_proxy: ProxyFactory, backend: Backend
-) -> None:
-    client = await make_proxy(config("{tokens_per_minute: 1000}"), backend)
-    resp = await post(client, chat_body(max_tokens=2000))
-    assert resp.status == 429
-    err = (await resp.json())["error"]
-    assert err["code"] == "rate_limit_exceeded"
-    assert err["message"].startswith("Request too large for tokens per minute")
-    assert "2008 tokens" in err["message"] and "limit on client 127.0.0.1 is 1000" in err["message"]
-    assert "Retry-After" not in resp.headers  # waiting cannot help
-    # a prompt alone over the budget, with no max_tokens
-    resp = await post(client, chat_body("x" * 8000))
-    assert resp.status == 429
-    assert "Request too large" in (await resp.json())["error"]["message"]
-    assert backend.seen == []
-    # without max_tokens, only the default completion budget is trimmed to fit
-    resp = await post(client, chat_body("x" * 2000))
-    assert resp.status == 200
-    assert resp.headers["x-ratelimit-remaining-tokens"] == "0"
-
-
-STREAM = [chunk("", role="assistant"), chunk("Hello"), chunk(" there"), chunk(None, finish="stop")]
-
-
-async def test_stream_usage_is_requested_and_hidden_from_a_client_that_did_not_ask(
-    make_proxy: ProxyFactory, backend: Backend, store: str
-) -> None:
-    backend.chat(sse_handler(*STREAM, usage_chunk(prompt=5, completion_tokens=2), DONE))
-    client = await make_proxy(config("{tokens_per_minute: 100}", store), backend)
-    resp = await post(client, chat_body(stream=True, max_tokens=50))
-    assert resp.status == 200
-    assert await resp.read() == b"".join(STREAM) + DONE  # byte for byte, minus the usage chunk
-    sent = backend.seen[-1].json()
-    assert sent["stream_options"] == {"include_usage": True}
-    # the stream used 7 tokens: settled before the next request
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.headers["x-ratelimit-remaining-tokens"] == str(93 - 58)
-
-
-async def test_stream_usage_kept_for_a_client_that_asked(
-    make_proxy: ProxyFactory, backend: Backend
-) -> None:
-    parts = [*STREAM, usage_chunk(prompt=5, completion_tokens=2), DONE]
-    backend.chat(sse_handler(*parts))
-    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
-    body = chat_body(stream=True, max_tokens=10, stream_options={"include_usage": True})
-    resp = await post(client, body)
-    assert await resp.read() == b"".join(parts)
-    assert backend.seen[-1].json()["stream_options"] == {"include_usage": True}
-    # other stream options are kept beside the one the proxy adds
-    body = chat_body(stream=True, max_tokens=10, stream_options={"continuous_usage_stats": False})
-    resp = await post(client, body)
-    assert await resp.read() == b"".join(STREAM) + DONE
-    assert backend.seen[-1].json()["stream_options"] == {
-        "continuous_usage_stats": False,
-        "include_usage": True,
-    }
-
-
-async def test_stream_without_usage_is_settled_from_its_text(
-    make_proxy: ProxyFactory, backend: Backend
-) -> None:
-    # a backend that ignores include_usage: the reply's 11 characters are about 3 tokens
-    backend.chat(sse_handler(*STREAM, DONE))
-    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
-    resp = await post(client, chat_body(stream=True, max_tokens=50))
-    assert await resp.read() == b"".join(STREAM) + DONE
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - (HI_PROMPT + 3) - 58)
-
-
-async def test_failed_request_gives_its_tokens_back(
-    make_proxy: ProxyFactory, backend: Backend
-) -> None:
-    backend.chat(json_handler({"error": {"message": "bad model"}}, status=400))
-    client = await make_proxy(config("{tokens_per_minute: 100}"), backend)
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.status == 400
-    backend.chat(usage_handler(10))
-    resp = await post(client, chat_body(max_tokens=50))
-    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100 - 58)
 
 
 async def test_a_stream_holds_its_concurrency_slot_until_it_ends(
