@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import proxy.ratelimit.middleware  # noqa: F401  (registers rate_limit)
+import proxy.ratelimit.middleware
 import proxy.sessions  # noqa: F401  (registers session)
 
 for _info in pkgutil.iter_modules(__path__):
