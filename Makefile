@@ -27,7 +27,7 @@ test: install e2e-deps
 	$(BIN)/pytest
 
 test-quick: install
-	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest tests --ignore=tests/e2e
 
 lint: install
 	$(BIN)/ruff check .
