@@ -13,7 +13,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend
 
-from tests.conftest import ProxyFactory
+from tests.fixtures import ProxyFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 Curl = Any  # the `curl` fixture (tests/e2e/conftest.py)

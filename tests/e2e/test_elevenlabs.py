@@ -23,7 +23,7 @@ except ImportError:
     from llama_server import LlamaBackend
 
 from proxy.sessions.ids import forwarded_id
-from tests.conftest import DONE, Backend, ProxyFactory, chunk, sse_handler, usage_chunk
+from tests.fixtures import DONE, Backend, ProxyFactory, chunk, sse_handler, usage_chunk
 
 Client = Any
 CHAT = "/v1/chat/completions"

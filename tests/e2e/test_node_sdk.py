@@ -21,7 +21,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend
 
-from tests.conftest import Backend, ProxyFactory, sse_handler
+from tests.fixtures import Backend, ProxyFactory, sse_handler
 
 NodeSDK = Any  # the `node_sdk` fixture (tests/e2e/conftest.py)
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sse"

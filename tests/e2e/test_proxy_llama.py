@@ -26,7 +26,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend
 
-from tests.conftest import ProxyFactory
+from tests.fixtures import ProxyFactory
 
 Client = Any  # aiohttp TestClient of the proxy
 MAX_TOKENS = 12

@@ -23,7 +23,7 @@ try:
 except ImportError:
     from llama_server import LlamaBackend, free_port
 
-from tests.conftest import Backend, ProxyFactory, sse_handler
+from tests.fixtures import Backend, ProxyFactory, sse_handler
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sse"
 KEY = "sk-py-0123456789abcdef"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.hardening.conftest import full_chain, sqlite_store
+from tests.hardening.fixtures import full_chain, sqlite_store
 
 SIZE = 200 * 1024 * 1024
 PIECE = b"\x00" * (64 * 1024)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from proxy.entry import MAX_JSON_DEPTH
 from proxy.sessions.ids import SAFE_ID
-from tests.hardening.conftest import (
+from tests.hardening.fixtures import (
     ALICE,
     KEYS,
     Reply,

@@ -24,8 +24,8 @@ from aiohttp import web
 from proxy.app import build_app
 from proxy.inbound import ClientConnection, LimitedRunner
 from proxy.loader import load_text
-from tests.conftest import DONE, chunk, completion
-from tests.hardening.conftest import ProxyProcess, assert_openai_error, free_port
+from tests.fixtures import DONE, chunk, completion
+from tests.hardening.fixtures import ProxyProcess, assert_openai_error, free_port
 
 HEADER = BODY = KEEPALIVE = SEND = 1.0
 POOL = 10  # the backend pool of the proxy under test

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.hardening.conftest import ProxyProcess, full_chain, request, sqlite_store
+from tests.hardening.fixtures import ProxyProcess, full_chain, request, sqlite_store
 
 
 def turn(proxy: ProxyProcess, messages: list[dict[str, Any]], sid: str | None, stream: bool) -> Any:

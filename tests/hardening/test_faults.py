@@ -27,8 +27,8 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import DONE, Backend, ProxyFactory, chunk, completion, usage_chunk
-from tests.hardening.conftest import (
+from tests.fixtures import DONE, Backend, ProxyFactory, chunk, completion, usage_chunk
+from tests.hardening.fixtures import (
     ALICE,
     ROOT,
     assert_no_traceback,

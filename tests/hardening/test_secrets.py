@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import DONE, Backend, ProxyFactory, chunk, completion
-from tests.hardening.conftest import (
+from tests.fixtures import DONE, Backend, ProxyFactory, chunk, completion
+from tests.hardening.fixtures import (
     KEYS,
     ProxyProcess,
     assert_openai_error,

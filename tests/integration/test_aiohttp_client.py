@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, sse_handler
+from tests.fixtures import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, sse_handler
 
 AIOHTTP = BASIC + "    client: aiohttp\n    idle_seconds: 5\n"
 

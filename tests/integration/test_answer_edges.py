@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     DONE,
     Backend,

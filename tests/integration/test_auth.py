@@ -24,7 +24,7 @@ from proxy.config import ConfigError
 from proxy.exchange import Exchange, Handler, Middleware
 from proxy.loader import load_text
 from proxy.observability import JsonFormatter
-from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
+from tests.fixtures import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
 
 KEY = "sk-test-4f1c2a9e7d3b"
 OTHER_KEY = "sk-test-models-only-88aa"

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.conftest import ProxyFactory, chat_body, completion
+from tests.fixtures import ProxyFactory, chat_body, completion
 
 _REQUEST_LINE = re.compile(rb"[A-Z]+ /\S* HTTP/1\.1")
 

@@ -28,7 +28,7 @@ from proxy.app import build_app
 from proxy.chain import BuildContext, build_chain
 from proxy.config import ConfigError, LoadedConfig
 from proxy.loader import load_text
-from tests.conftest import Backend, json_handler
+from tests.fixtures import Backend, json_handler
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, sse_handler
+from tests.fixtures import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, sse_handler
 
 
 def _dead_port() -> int:

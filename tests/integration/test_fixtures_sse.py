@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from proxy import sse
-from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, sse_handler
+from tests.fixtures import BASIC, Backend, ProxyFactory, chat_body, sse_handler
 from tests.plugins import observe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sse"

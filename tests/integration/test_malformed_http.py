@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BASIC, Backend, ProxyFactory
+from tests.fixtures import BASIC, Backend, ProxyFactory
 
 SECRET = "sk-live-0123456789abcdef"
 

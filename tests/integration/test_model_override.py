@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.chain import BuildContext
 from proxy.config import ConfigError
 from proxy.exchange import Exchange, Handler, Identity, Middleware
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     DONE,
     Backend,

@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.app import STATE, build_app
 from proxy.loader import load
 from proxy.server import reload
-from tests.conftest import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, metric
+from tests.fixtures import BASIC, DONE, Backend, ProxyFactory, chat_body, chunk, metric
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import BASIC, Backend, ProxyFactory
+from tests.fixtures import BASIC, Backend, ProxyFactory
 
 ALICE, BOB = "sk-feedback-alice-1", "sk-feedback-bob-2"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     DONE,
     Backend,

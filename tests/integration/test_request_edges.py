@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests import rawhttp
-from tests.conftest import BASIC, Backend, ProxyFactory, json_handler
+from tests.fixtures import BASIC, Backend, ProxyFactory, json_handler
 from tests.rawhttp import error, raw, read_answer
 
 KEY = "sk-edges-limited-1f9a"

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from proxy import chain, sse
 from proxy.config import ConfigError
 from proxy.middleware import tool_keywords
-from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
+from tests.fixtures import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
 
 CONFIG = (
     BASIC

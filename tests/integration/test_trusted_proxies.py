@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.config import ConfigError
 from proxy.loader import load_text
-from tests.conftest import Backend, ProxyFactory, chat_body
+from tests.fixtures import Backend, ProxyFactory, chat_body
 
 CONFIG = """
 server:

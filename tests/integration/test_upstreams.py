@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import DONE, ProxyFactory, chat_body, chunk, completion
+from tests.fixtures import DONE, ProxyFactory, chat_body, chunk, completion
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

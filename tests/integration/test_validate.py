@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.chain import BuildContext
 from proxy.config import ConfigError
 from proxy.exchange import Exchange, Handler, Middleware
-from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
+from tests.fixtures import BASIC, Backend, ProxyFactory, chat_body, config_from, json_handler
 
 CONFIG = (
     BASIC

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from proxy.chain import BuildContext
 from proxy.config import Limits
 from proxy.exchange import Exchange, Handler, Identity, Middleware
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     chat_body,
     chunk,

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     DONE,
     Backend,

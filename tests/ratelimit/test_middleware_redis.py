@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import BASIC, Backend, ProxyFactory, chat_body, completion
+from tests.fixtures import BASIC, Backend, ProxyFactory, chat_body, completion
 from tests.ratelimit.fixtures import REDIS_URL, drop_keys, require_redis
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ in memory and in Redis."""
 
 from __future__ import annotations
 
-from tests.conftest import (
+from tests.fixtures import (
     DONE,
     Backend,
     ProxyFactory,

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.sessions import ids, middleware
-from tests.conftest import ProxyFactory
+from tests.fixtures import ProxyFactory
 from tests.sessions.fixtures import REDIS_URL, chat, config, fetch, user
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import openai
 
-from tests.conftest import (
+from tests.fixtures import (
     BASIC,
     DONE,
     Backend,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.exchange import Exchange
 from proxy.transform import MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
-from tests.unit.test_sse import parse_all, streams, view
+from tests.fixtures.sse_streams import parse_all, streams, view
 
 
 def transformer() -> StreamTransformer:

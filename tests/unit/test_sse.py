@@ -5,21 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import sse
-from proxy.sse import START, Event, encode, flush, parse
-
-
-def parse_all(parts: list[bytes]) -> tuple[list[Event], sse.Pending]:
-    pending = START
-    events: list[Event] = []
-    for part in parts:
-        got, pending = parse(pending, part)
-        events.extend(got)
-    return events, pending
-
-
-def view(events: list[Event]) -> list[tuple[object, ...]]:
-    return [(e.data, e.event, e.id, e.retry, tuple(e.comments), e.other) for e in events]
+from proxy.sse import Event, encode, flush
+from tests.fixtures.sse_streams import parse_all, streams, view
 
 
 def test_line_endings_lf_crlf_cr() -> None:
@@ -75,26 +62,6 @@ def test_encode_new_event() -> None:
     assert encode(ev) == b": c\nevent: x\nid: 1\ndata: line1\ndata: line2\n\n"
     [back], _ = parse_all([encode(ev)])
     assert (back.data, back.event, back.id, back.comments) == ("line1\nline2", "x", "1", ["c"])
-
-
-_line = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12
-)
-_field = st.one_of(
-    st.tuples(st.sampled_from(["data", "event", "id", ":", "retry", "data", "x-y"]), _line),
-)
-_nl = st.sampled_from(["\n", "\r\n", "\r"])
-
-
-@st.composite
-def streams(draw: st.DrawFn) -> bytes:
-    out = []
-    for _ in range(draw(st.integers(0, 6))):
-        for name, value in draw(st.lists(_field, min_size=1, max_size=4)):
-            nl = draw(_nl)
-            out.append((f":{value}" if name == ":" else f"{name}: {value}") + nl)
-        out.append(draw(_nl))
-    return "".join(out).encode()
 
 
 @settings(max_examples=300, deadline=None)
