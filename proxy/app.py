@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from redis.asyncio import ConnectionPool
 
 from proxy import entry, metrics, trim, upstream
 from proxy.chain import BuildContext, Check, build_chain, compose
@@ -21,6 +22,7 @@ from proxy.exchange import Exchange, Handler
 from proxy.routes import CHAT, MODELS, Routes
 from proxy.runtime import STATE, Runtime, State
 from proxy.sessions.store.base import SessionStore
+from proxy.shared_redis import open_pool
 
 log = logging.getLogger("chat_proxy")
 
@@ -53,12 +55,18 @@ def _terminal(upstreams: upstream.Upstreams, before_upstream: tuple[Check, ...])
 
 
 async def build_runtime(
-    config: LoadedConfig, store: SessionStore | None = None, previous: Runtime | None = None
+    config: LoadedConfig,
+    store: SessionStore | None = None,
+    previous: Runtime | None = None,
+    redis: ConnectionPool | None = None,
 ) -> Runtime:
     """Build the chain and the upstreams for a configuration (not yet started);
     `previous` is the runtime it replaces on a reload."""
     ctx = BuildContext(
-        config=config, store=store, previous=previous.chain.handoffs if previous else ()
+        config=config,
+        store=store,
+        redis=redis,
+        previous=previous.chain.handoffs if previous else (),
     )
     chain = build_chain(ctx)
     ups = upstream.Upstreams(config.upstreams)
@@ -133,8 +141,10 @@ def build_app(config: LoadedConfig) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         from proxy.sessions.store import open_store
 
-        store = await open_store(config.store) if _needs_store(config) else None
-        rt = await build_runtime(config, store)
+        # one Redis pool for the session store and the counters, opened once here
+        pool = open_pool(config.store) if _needs_redis(config) else None
+        store = await open_store(config.store, pool) if _needs_store(config) else None
+        rt = await build_runtime(config, store, redis=pool)
         app[STATE] = State(runtime=rt)
         await start_runtime(rt)
         trimmer = trim.start(config.server.trim_memory_seconds)
@@ -143,6 +153,8 @@ def build_app(config: LoadedConfig) -> web.Application:
         await stop_runtime(app[STATE].runtime)
         if store is not None:
             await store.close()
+        if pool is not None:
+            await pool.disconnect()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)
@@ -163,3 +175,9 @@ async def _no_continue(request: web.Request) -> None:
 
 def _needs_store(config: LoadedConfig) -> bool:
     return any(e.type == "session" for e in config.chain)
+
+
+def _needs_redis(config: LoadedConfig) -> bool:
+    return config.store.backend == "redis" and any(
+        e.type in ("session", "rate_limit") for e in config.chain
+    )

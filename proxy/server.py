@@ -58,7 +58,7 @@ async def reload(app: web.Application, path: str | None) -> bool:
     old = state.runtime
     try:
         config = load(path)
-        new = await build_runtime(config, old.ctx.store, previous=old)
+        new = await build_runtime(config, old.ctx.store, previous=old, redis=old.ctx.redis)
         await start_runtime(new)
     except ConfigError as exc:
         log.error("reload failed: keeping the running configuration", extra={"errors": exc.errors})

@@ -170,9 +170,14 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
 
     async def startup() -> None:
         if store.backend == "redis":
+            from redis.asyncio import Redis
+
             from proxy.ratelimit.redis import RedisLimiter, connect
 
-            limiter = RedisLimiter(connect(store.url), store.prefix)
+            # on the application's shared pool where it opened one
+            shared = ctx.redis
+            client = Redis(connection_pool=shared) if shared is not None else connect(store.url)
+            limiter = RedisLimiter(client, store.prefix)
             holder.limiter = limiter
             if not await limiter.ping():
                 log.warning(

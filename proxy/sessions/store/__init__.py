@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from proxy.config import ConfigError, StoreConfig
 from proxy.sessions.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
@@ -19,10 +20,13 @@ __all__ = [
     "open_store",
 ]
 
+if TYPE_CHECKING:
+    from redis.asyncio import ConnectionPool
+
 log = logging.getLogger("chat_proxy")
 
 
-async def open_store(cfg: StoreConfig) -> SessionStore:
+async def open_store(cfg: StoreConfig, pool: ConnectionPool | None = None) -> SessionStore:
     """Open the configured store. A Redis server that does not answer yet is not an
     error here: the proxy starts, /readyz reports the store as down until it does."""
     if cfg.backend == "sqlite":
@@ -37,7 +41,7 @@ async def open_store(cfg: StoreConfig) -> SessionStore:
     if cfg.backend == "redis":
         from proxy.sessions.store.redis import RedisStore
 
-        store = RedisStore(cfg.url, cfg.prefix)
+        store = RedisStore(cfg.url, cfg.prefix, pool)
         try:
             await asyncio.wait_for(store.ping(), 3)
         except Exception as exc:

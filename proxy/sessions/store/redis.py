@@ -105,10 +105,16 @@ def _owner_key(owner: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, pool: aioredis.ConnectionPool | None = None) -> None:
+        """On `pool` when the application shares one (proxy/shared_redis.py); a
+        client of its own otherwise."""
         self.prefix = prefix
-        self._r: aioredis.Redis = aioredis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+        self._r: aioredis.Redis = (
+            aioredis.Redis(connection_pool=pool)
+            if pool is not None
+            else aioredis.from_url(
+                url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+            )
         )
         self._find = self._r.register_script(_FIND)
         self._record = self._r.register_script(_RECORD)
