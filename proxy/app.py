@@ -72,7 +72,7 @@ async def build_runtime(
     ups = upstream.Upstreams(config.upstreams)
     ups.keepalive = config.server.keepalive_seconds
     ups.max_response_bytes = config.server.max_response_bytes
-    handler = compose(chain.middlewares, _terminal(ups, chain.collect("before_upstream")))
+    handler = compose(chain.middlewares, _terminal(ups, chain.before_upstream))
     return Runtime(
         config=config,
         upstreams=ups,
@@ -80,20 +80,20 @@ async def build_runtime(
         handler=handler,
         routes=Routes(chain.routes),
         ctx=ctx,
-        before_body=chain.collect("before_body"),
+        before_body=chain.before_body,
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies),
     )
 
 
 async def start_runtime(rt: Runtime) -> None:
     await rt.upstreams.start()
-    for hook in rt.chain.collect("startup"):
+    for hook in rt.chain.startup:
         await hook()
 
 
 async def stop_runtime(rt: Runtime) -> None:
     # the reverse of the start, as responses pass the chain bottom to top
-    for hook in reversed(rt.chain.collect("shutdown")):
+    for hook in reversed(rt.chain.shutdown):
         try:
             await hook()
         except Exception:

@@ -85,15 +85,25 @@ class Chain:
     def middlewares(self) -> list[Middleware]:
         return [f.middleware for _, f in self.entries]
 
-    def collect(self, attr: str) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for _, feature in self.entries:
-            out.extend(getattr(feature, attr))
-        return tuple(out)
-
     @property
     def routes(self) -> tuple[Route, ...]:
-        return cast(tuple[Route, ...], self.collect("routes"))
+        return tuple(r for _, f in self.entries for r in f.routes)
+
+    @property
+    def startup(self) -> tuple[Hook, ...]:
+        return tuple(h for _, f in self.entries for h in f.startup)
+
+    @property
+    def shutdown(self) -> tuple[Hook, ...]:
+        return tuple(h for _, f in self.entries for h in f.shutdown)
+
+    @property
+    def before_body(self) -> tuple[Check, ...]:
+        return tuple(c for _, f in self.entries for c in f.before_body)
+
+    @property
+    def before_upstream(self) -> tuple[Check, ...]:
+        return tuple(c for _, f in self.entries for c in f.before_upstream)
 
     @property
     def handoffs(self) -> tuple[object, ...]:

@@ -28,43 +28,54 @@ class Decoder:
     """Incremental decoding of one answer; each `feed` yields at most `limit` bytes
     (a small compressed read may not expand without bound)."""
 
-    __slots__ = ("_first", "_limit", "_z")
+    __slots__ = ("_head", "_limit", "_z")
 
     def __init__(self, encoding: str, limit: int) -> None:
+        self._z: zlib._Decompress | None = None
+        # deflate: the first two bytes, until they tell a zlib stream from one sent
+        # raw, without its wrapper (as some servers do)
+        self._head: bytes | None = None
         if encoding in ("gzip", "x-gzip"):
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
-            self._z = zlib.decompressobj()
+            self._head = b""
         else:
             raise CannotDecode(f"the backend's answer is encoded with {encoding!r}")
-        self._first = encoding == "deflate"
         self._limit = limit
 
     def feed(self, data: bytes) -> bytes:
+        if self._head is not None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return b""
+            self._head = None
+            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0  # RFC 1950
+            self._z = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        z = self._z
+        assert z is not None
         try:
-            out = self._z.decompress(data, self._limit + 1)
+            out = z.decompress(data, self._limit + 1)
         except zlib.error:
-            if not self._first:
-                raise CannotDecode("the backend's encoded answer does not decode") from None
-            # deflate sent raw, without its zlib wrapper (some servers do)
-            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-            self._first = False
-            return self.feed(data)
-        self._first = False
-        if len(out) > self._limit or self._z.unconsumed_tail:
+            raise CannotDecode("the backend's encoded answer does not decode") from None
+        if len(out) > self._limit or z.unconsumed_tail:
             raise CannotDecode("the backend's encoded answer decodes to too many bytes")
         return out
 
     def end(self) -> bytes:
-        if not self._z.eof and self._z.unused_data == b"":
-            try:
-                tail = self._z.flush()
-            except zlib.error:
-                raise CannotDecode("the backend's encoded answer does not decode") from None
-            if not self._z.eof:
-                raise CannotDecode("the backend's encoded answer is cut short")
-            return tail
-        return b""
+        """What the decoder still holds once the encoded bytes have ended; an
+        encoding cut short is an error."""
+        if self._z is None:
+            raise CannotDecode("the backend's encoded answer is cut short")
+        if self._z.eof:
+            return b""
+        try:
+            tail = self._z.flush()
+        except zlib.error:
+            raise CannotDecode("the backend's encoded answer does not decode") from None
+        if not self._z.eof:
+            raise CannotDecode("the backend's encoded answer is cut short")
+        return tail
 
 
 def decode_whole(body: bytes, encoding: str, limit: int) -> bytes:

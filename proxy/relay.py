@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy import jsonfast
 from proxy.backend import BackendResponse as Response
-from proxy.backend import ClientError
+from proxy.backend import BodyTooLarge, ClientError
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, sse_error_event
 from proxy.exchange import Exchange
@@ -65,21 +65,17 @@ async def relay(
     idle = up.cfg.timeouts.idle
     try:
         # the whole body most often came in the first read
-        body = (
-            first
-            if resp.complete
-            else first + await read_capped(resp, idle, max_response - len(first))
-        )
-    except (TimeoutError, ClientError, OSError):
-        raise ProxyError(
-            502, "The backend closed the connection early.", code="upstream_reset"
-        ) from None
-    except TooLarge:
+        body = first if resp.complete else first + await resp.read(idle, max_response - len(first))
+    except BodyTooLarge:  # before ClientError, of which it is one
         raise ProxyError(
             502,
             f"The backend's answer is larger than {max_response} bytes "
             "(server.max_response_bytes).",
             code="upstream_too_large",
+        ) from None
+    except (TimeoutError, ClientError, OSError):
+        raise ProxyError(
+            502, "The backend closed the connection early.", code="upstream_reset"
         ) from None
     encoding = content_encoding(resp.headers)
     plain = body
@@ -118,26 +114,6 @@ async def relay(
     if ex.on_complete and not gone:
         await _finish(ex)
     return out
-
-
-class TooLarge(Exception):
-    """A body grew past its cap."""
-
-
-async def read_capped(resp: Response, timeout: float, limit: int) -> bytes:
-    """The rest of a body, at most `limit` bytes (TooLarge past it: the connection is
-    closed, the rest never read)."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await resp.read_chunk(timeout)
-        if not chunk:
-            return b"".join(parts)
-        size += len(chunk)
-        if size > limit:
-            resp.close()
-            raise TooLarge()
-        parts.append(chunk)
 
 
 async def _pass_body(

@@ -115,26 +115,16 @@ class Upstream:
             self.base = await start_echo(self.cfg.url)
         scheme, host, port = self.base.scheme, self.base.raw_host or "127.0.0.1", self.base.port
         ssl_context = tls_context(self.cfg.tls) if scheme == "https" else None
-        if self.cfg.client == "aiohttp":
-            self.pool = AiohttpClient(
-                scheme,
-                host,
-                port,
-                limit=self.cfg.max_connections,
-                connect_timeout=self.cfg.timeouts.connect,
-                idle_seconds=self.cfg.idle_seconds,
-                ssl_context=ssl_context,
-            )
-        else:
-            self.pool = Pool(
-                scheme,
-                host,
-                port,
-                limit=self.cfg.max_connections,
-                connect_timeout=self.cfg.timeouts.connect,
-                idle_seconds=self.cfg.idle_seconds,
-                ssl_context=ssl_context,
-            )
+        client = AiohttpClient if self.cfg.client == "aiohttp" else Pool
+        self.pool = client(
+            scheme,
+            host,
+            port,
+            limit=self.cfg.max_connections,
+            connect_timeout=self.cfg.timeouts.connect,
+            idle_seconds=self.cfg.idle_seconds,
+            ssl_context=ssl_context,
+        )
 
     async def close(self) -> None:
         if self.pool is not None:

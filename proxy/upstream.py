@@ -16,12 +16,12 @@ from aiohttp import web
 
 from proxy import jsonfast, sse
 from proxy.backend import BackendResponse as Response
-from proxy.backend import ClientError, ConnectTimeout, Disconnected
+from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
 from proxy.forward import forward_headers
-from proxy.relay import TooLarge, read_capped, relay
+from proxy.relay import relay
 from proxy.routing import Upstream, Upstreams
 from proxy.transform import MAX_EVENT_BYTES
 
@@ -218,8 +218,8 @@ async def _error_body(resp: Response, timeout: float) -> bytes:
     """A backend's error body, up to MAX_ERROR_BODY bytes (the rest is never read and
     the connection not reused)."""
     try:
-        body = await read_capped(resp, timeout, MAX_ERROR_BODY)
-    except TooLarge:
+        body = await resp.read(timeout, MAX_ERROR_BODY)
+    except BodyTooLarge:
         return b""
     resp.release()
     return body
@@ -352,7 +352,7 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
             )
             try:
                 cap = MAX_ERROR_BODY if resp.status >= 400 else upstreams.max_response_bytes
-                body = await read_capped(resp, timeout, cap)
+                body = await resp.read(timeout, cap)
             finally:
                 resp.release()
             encoding = content_encoding(resp.headers)
@@ -362,7 +362,7 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
                 errors.append(normalise_backend_error(resp.status, body))
                 continue
             docs.append(jsonfast.loads(body))
-        except TooLarge:
+        except BodyTooLarge:
             errors.append(
                 ProxyError(
                     502,

@@ -156,12 +156,12 @@ async def main(args: argparse.Namespace) -> None:
     ctx = BuildContext(config=config, store=store)
     chain = build_chain(ctx)
     built = [(name, feature.middleware) for name, feature in chain.entries]
-    for hook in chain.collect("startup"):
+    for hook in chain.startup:
         await hook()
     # the session middleware's writer, to flush it at the end of each run
     writers = [
         obj
-        for hook in chain.collect("shutdown")
+        for hook in chain.shutdown
         for cell in (hook.__closure__ or ())
         if type(obj := cell.cell_contents).__name__ == "Writer"
     ]
@@ -235,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
             parts = sum(statistics.median(r.total) - base for r in rows if r.name in ORDER)
             print(f"{'sum of alone':<16}{'':25}{parts:10.1f}")
 
-    for hook in reversed(chain.collect("shutdown")):
+    for hook in reversed(chain.shutdown):
         await hook()
     await store.close()
     tmp.cleanup()
