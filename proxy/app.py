@@ -69,7 +69,7 @@ async def build_runtime(
         previous=previous.chain.handoffs if previous else (),
     )
     chain = build_chain(ctx)
-    ups = upstream.Upstreams(config.upstreams)
+    ups = upstream.Upstreams(config.upstreams, config.queue)
     ups.keepalive = config.server.keepalive_seconds
     ups.max_response_bytes = config.server.max_response_bytes
     handler = compose(chain.middlewares, _terminal(ups, chain.before_upstream))
@@ -125,11 +125,15 @@ async def readyz(request: web.Request) -> web.Response:
         and any(s in ("ok", "degraded") for s in ups.values())
         and store_state in ("ok", "none")
     )
-    body = {
+    body: dict[str, object] = {
         "status": "ready" if ready else ("draining" if state.draining else "unavailable"),
         "upstreams": ups,
         "store": store_state,
     }
+    replicas = await rt.upstreams.replica_states()
+    if replicas:
+        body["replicas"] = replicas
+        body["queue"] = {"waiting": rt.upstreams.admission.waiting}
     return web.json_response(body, status=200 if ready else 503)
 
 

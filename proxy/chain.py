@@ -272,7 +272,7 @@ def describe(config: LoadedConfig) -> list[str]:
         lines.append(f"  {i}. {entry.type} {_brief(shown)}")
     lines.append("upstreams (first match by model wins):")
     for up in config.upstreams:
-        lines.append(f"  - {up.name}: {up.url} models={list(up.models)}")
+        lines.append(f"  - {up.name}: {', '.join(up.urls)} models={list(up.models)}")
     store = config.store
     where = {"sqlite": store.path, "redis": _redact_url(store.url), "memory": "in process"}[
         store.backend

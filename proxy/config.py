@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 ENV_VAR = "CHAT_PROXY_CONFIG"
@@ -135,9 +136,37 @@ class UpstreamTls(Model):
         return value
 
 
+class Affinity(Model):
+    # a replica above load_factor x the mean load passes its excess on
+    load_factor: float = Field(1.25, ge=1.0)
+
+
+class LoadSignal(Model):
+    # poll each replica's /metrics: vLLM's or llama.cpp server's gauges; none: only
+    # the requests in flight from this proxy
+    metrics: Literal["vllm", "llamacpp", "none"] = "none"
+    interval: float = Field(1, gt=0)
+
+
+class Hedge(Model):
+    # > 0: a chat request with no first byte after this long also goes to another
+    # replica; 0: never
+    after_ms: float = Field(0, ge=0)
+
+
+def _check_url(value: str) -> str:
+    if value.startswith("echo:"):
+        return value
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL, or echo:")
+    return value.rstrip("/")
+
+
 class UpstreamConfig(Model):
     name: str = Field(min_length=1)
-    url: str = Field(min_length=1)
+    url: str | None = Field(None, min_length=1)
+    # instead of url: several servers of the same models
+    replicas: tuple[str, ...] = ()
     api_key: str = ""
     models: tuple[str, ...] = ("*",)
     weight: float = Field(1, gt=0)
@@ -150,15 +179,45 @@ class UpstreamConfig(Model):
     tls: UpstreamTls = UpstreamTls()
     # an idle backend connection is closed after this many seconds
     idle_seconds: float = Field(15, gt=0)
+    # how a request picks a replica (affinity when unset)
+    balance: Literal["affinity", "least_busy", "round_robin"] = "affinity"
+    affinity: Affinity = Affinity()
+    load: LoadSignal = LoadSignal()
+    # per replica; beyond it requests wait in the admission queue (`queue`)
+    max_in_flight: int | None = Field(None, gt=0)
+    hedge: Hedge = Hedge()
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        if value.startswith("echo:"):
-            return value
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL, or echo:")
-        return value.rstrip("/")
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        urls = tuple(_check_url(v) for v in value)
+        dupes = sorted({u for u in urls if urls.count(u) > 1})
+        if dupes:
+            raise ValueError(f"replicas must be distinct: {', '.join(dupes)} more than once")
+        return urls
+
+    @model_validator(mode="after")
+    def _one_address(self) -> UpstreamConfig:
+        if (self.url is None) == (not self.replicas):
+            raise ValueError("give either `url` or `replicas`, not both and not neither")
+        return self
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The replicas' base URLs; one for an upstream with `url`."""
+        return self.replicas if self.url is None else (self.url,)
+
+
+class QueueConfig(Model):
+    """Admission when every replica that could serve a request is full."""
+
+    max_waiting: int = Field(1000, ge=0)  # more: 429 with Retry-After
+    max_wait_seconds: float = Field(30, gt=0)  # waited longer: 503 with Retry-After
 
 
 class StoreConfig(Model):
@@ -180,6 +239,7 @@ class Config(Model):
     server: ServerConfig = ServerConfig()
     upstreams: tuple[UpstreamConfig, ...] = Field(min_length=1)
     store: StoreConfig = StoreConfig()
+    queue: QueueConfig = QueueConfig()
     middleware: tuple[dict[str, Any], ...] = ()
 
     @field_validator("upstreams")
@@ -211,6 +271,10 @@ class LoadedConfig:
     @property
     def store(self) -> StoreConfig:
         return self.config.store
+
+    @property
+    def queue(self) -> QueueConfig:
+        return self.config.queue
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

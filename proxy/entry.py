@@ -197,6 +197,10 @@ def _access(ex: Exchange) -> None:
         "upstream": ex.upstream,
         "attempts": ex.attempts,
     }
+    if ex.replica is not None:
+        fields["replica"] = ex.replica
+    if ex.queue_ms is not None:
+        fields["queue_ms"] = round(ex.queue_ms, 1)
     if ex.session_id:
         fields["session_id"] = ex.session_id
     if ex.error:

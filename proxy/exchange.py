@@ -30,6 +30,9 @@ class Identity:
     models: tuple[str, ...] = ("*",)
     limits: Limits | None = None  # the key's own limits (rate_limit reads them)
     model: str | None = None  # a model forced for this key (model_override reads it)
+    # its place in the admission queue: higher priorities first, then by weight
+    priority: int = 0
+    weight: float = 1.0
 
     def may_use(self, model: str | None) -> bool:
         models = self.models
@@ -121,6 +124,8 @@ class Exchange:
     status: int = 0
     stream: bool = False
     upstream: str | None = None
+    replica: int | None = None  # the index of the upstream's replica that answered
+    queue_ms: float | None = None  # time waited for admission (max_in_flight)
     attempts: int = 0
     ttfb: float | None = None
     completion: dict[str, Any] | None = None

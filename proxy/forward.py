@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from proxy.exchange import Exchange
-from proxy.routing import Upstream
+from proxy.routing import Replica
 
 # request headers never forwarded: hop-by-hop ones, the client's credentials, and
 # those the proxy sets itself
@@ -57,7 +57,7 @@ def upstream_request_id(request_id: str) -> str:
     return own.group(1).rjust(32, "0") if own else request_id
 
 
-def forward_headers(ex: Exchange, up: Upstream) -> list[tuple[str, str]]:
+def forward_headers(ex: Exchange, up: Replica) -> list[tuple[str, str]]:
     """The client's headers less the hop-by-hop ones (those the client's Connection
     header names too), those never forwarded and those the proxy sets; then the
     proxy's own: X-Request-Id, X-Forwarded-*, Accept-Encoding, the upstream's key."""

@@ -58,6 +58,40 @@ STREAMS = Gauge(
     "chat_proxy_streams_in_flight", "Streams being relayed now.", multiprocess_mode="livesum"
 )
 SESSIONS = Counter("chat_proxy_sessions_created_total", "Sessions created, by source.", ["source"])
+REPLICA_IN_FLIGHT = Gauge(
+    "chat_proxy_replica_in_flight",
+    "Requests in flight on each replica of a fleet (by index).",
+    ["upstream", "replica"],
+    multiprocess_mode="livesum",
+)
+REPLICA_ERRORS = Counter(
+    "chat_proxy_replica_errors_total",
+    "Failed attempts at each replica of a fleet, by kind.",
+    ["upstream", "replica", "kind"],
+)
+AFFINITY_SPILLS = Counter(
+    "chat_proxy_affinity_spills_total",
+    "Requests sent elsewhere because their own replica (the one named) was over its bounded load.",
+    ["upstream", "replica"],
+)
+QUEUE_WAITING = Gauge(
+    "chat_proxy_queue_waiting",
+    "Requests waiting for admission, by the upstream they wait for first.",
+    ["upstream"],
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = Histogram(
+    "chat_proxy_queue_wait_seconds",
+    "Time requests waited for admission (0 when a replica was free).",
+    ["upstream"],
+    buckets=(0.0, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+QUEUE_REFUSED = Counter(
+    "chat_proxy_queue_refusals_total",
+    "Requests the admission queue refused: full (429), waited too long (503), or "
+    "whose client left while waiting.",
+    ["reason"],
+)
 
 
 _CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
@@ -86,7 +120,10 @@ def observe(ex: Exchange) -> None:
         children[2].observe(ex.ttfb)
     for failure in ex.failures:
         name, _, kind = str(failure).partition(":")
+        name, _, replica = name.partition("/")
         UPSTREAM_ERRORS.labels(name, kind).inc()
+        if replica:
+            REPLICA_ERRORS.labels(name, replica, kind).inc()
     if ex.error and ex.error.startswith("upstream_") and ex.upstream and ex.status == 200:
         UPSTREAM_ERRORS.labels(ex.upstream, ex.error.removeprefix("upstream_")).inc()
     limit = ex.rate_limited

@@ -1,13 +1,17 @@
-"""Upstreams: which backend serves a model, its connection pool and its health.
+"""Upstreams: which backend serves a model, its replicas, their connection pools and
+their health.
 
 Routing is by model glob, first match first; upstreams with a `weight` are balanced.
-Passive health: an upstream that fails `circuit.failures` times in a row is skipped
-for `circuit.cooldown` seconds, then tried again.
+Within an upstream, a request picks one of its replicas (`balance`: affinity by
+consistent hashing with bounded load, least_busy or round_robin; proxy/fleet/).
+Passive health, per replica: a replica that fails `circuit.failures` times in a row
+is skipped for `circuit.cooldown` seconds, then tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import ssl
@@ -20,18 +24,25 @@ from yarl import URL
 from proxy.backend import BackendClient, request_target
 from proxy.backend.aiohttp_client import AiohttpClient
 from proxy.backend.http1 import Pool
-from proxy.config import UpstreamConfig, UpstreamTls
+from proxy.config import QueueConfig, UpstreamConfig, UpstreamTls
+from proxy.fleet.admission import Admission
+from proxy.fleet.load import EngineLoad, LoadPoller
+from proxy.fleet.ring import Ring
 
 log = logging.getLogger("chat_proxy.upstream")
 
 
-class Upstream:
-    """One configured backend: its connection pool and its passive health."""
+class Replica:
+    """One server of an upstream: its connection pool, its passive health and its
+    load. Known outside by its index, never by its address."""
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    def __init__(self, cfg: UpstreamConfig, index: int, url: str) -> None:
         self.cfg = cfg
         self.name = cfg.name
-        self.base = URL(cfg.url) if not cfg.url.startswith("echo:") else URL("http://127.0.0.1")
+        self.index = index
+        self.label = str(index)
+        self.url = url
+        self.base = URL(url) if not url.startswith("echo:") else URL("http://127.0.0.1")
         self.pool: BackendClient | None = None
         self.failures = 0
         self.open_until = 0.0
@@ -39,14 +50,24 @@ class Upstream:
         self._targets: dict[str, str] = {}
         self._reachable = True
         self.auth = [("Authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
-
-    def serves(self, model: str | None) -> bool:
-        name = model or ""
-        return any(fnmatchcase(name, pattern) for pattern in self.cfg.models)
+        # requests this proxy has in flight on it, from admission to the answer's end
+        self.in_flight = 0
+        # what the engine's own metrics said last (load.metrics), None when unread
+        self.engine: EngineLoad | None = None
+        self.metrics_target = "/metrics"
 
     @property
     def is_open(self) -> bool:
         return self.open_until > time.monotonic()
+
+    @property
+    def load(self) -> float:
+        """Requests in flight here: this proxy's count, or the engine's own (running
+        and waiting, from every client) when it says more."""
+        engine = self.engine
+        if engine is None:
+            return float(self.in_flight)
+        return max(float(self.in_flight), engine.requests)
 
     def state(self) -> str:
         if self.pool is None:
@@ -87,6 +108,7 @@ class Upstream:
                 "upstream circuit open",
                 extra={
                     "upstream": self.name,
+                    "replica": self.index,
                     "failures": self.failures,
                     "cooldown": self.cfg.circuit.cooldown,
                 },
@@ -109,10 +131,10 @@ class Upstream:
         return self.base.raw_path.rstrip("/")
 
     async def start(self) -> None:
-        if self.cfg.url.startswith("echo:"):
+        if self.url.startswith("echo:"):
             from proxy.echo import start_echo
 
-            self.base = await start_echo(self.cfg.url)
+            self.base = await start_echo(self.url)
         scheme, host, port = self.base.scheme, self.base.raw_host or "127.0.0.1", self.base.port
         ssl_context = tls_context(self.cfg.tls) if scheme == "https" else None
         client = AiohttpClient if self.cfg.client == "aiohttp" else Pool
@@ -130,10 +152,107 @@ class Upstream:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
-        if self.cfg.url.startswith("echo:"):
+        if self.url.startswith("echo:"):
             from proxy.echo import stop_echo
 
             await stop_echo(self.base)
+
+
+class Upstream:
+    """One configured backend: the models it serves and its replicas (one for an
+    upstream with `url`), and the choice among them."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.replicas = [Replica(cfg, i, url) for i, url in enumerate(cfg.urls)]
+        self.fleet = len(self.replicas) > 1
+        self.max_in_flight = cfg.max_in_flight
+        self.balance = cfg.balance
+        self._ring = Ring(cfg.urls) if self.fleet and cfg.balance == "affinity" else None
+        self._turn = itertools.count()
+        self._poller: LoadPoller | None = None
+        # requests that went to another replica than their own (affinity), by replica
+        self.spills = [0] * len(self.replicas)
+
+    def serves(self, model: str | None) -> bool:
+        name = model or ""
+        return any(fnmatchcase(name, pattern) for pattern in self.cfg.models)
+
+    @property
+    def is_open(self) -> bool:
+        """Every replica's circuit is open."""
+        return all(r.is_open for r in self.replicas)
+
+    def usable(self, r: Replica) -> bool:
+        cap = self.max_in_flight
+        return not r.is_open and (cap is None or r.in_flight < cap)
+
+    @property
+    def full(self) -> bool:
+        """No replica can take a request now (each open or at max_in_flight)."""
+        return not any(self.usable(r) for r in self.replicas)
+
+    def choose(self, point: int | None, avoid: Replica | None = None) -> Replica | None:
+        """The replica for a request whose affinity key hashes to `point` (None: no
+        key), not `avoid` where another can serve; None when none can take it now."""
+        replicas = self.replicas
+        if not self.fleet:
+            r = replicas[0]
+            return r if self.usable(r) else None
+        usable = [self.usable(r) and r is not avoid for r in replicas]
+        if not any(usable):
+            if avoid is None or not self.usable(avoid):
+                return None
+            usable[avoid.index] = True
+        if self._ring is not None and point is not None:
+            loads = [r.load for r in replicas]
+            picked = self._ring.pick(point, loads, usable, self.cfg.affinity.load_factor)
+            assert picked is not None
+            chosen, owner = picked
+            if chosen != owner:
+                self.spills[owner] += 1
+            return replicas[chosen]
+        if self.balance == "round_robin":
+            n = len(replicas)
+            start = next(self._turn)
+            for step in range(n):
+                i = (start + step) % n
+                if usable[i]:
+                    return replicas[i]
+        least = min(r.load for r, ok in zip(replicas, usable, strict=True) if ok)
+        ties = [r for r, ok in zip(replicas, usable, strict=True) if ok and r.load == least]
+        return ties[0] if len(ties) == 1 else random.choice(ties)
+
+    def state(self) -> str:
+        """The best of its replicas' states."""
+        states = [r.state() for r in self.replicas]
+        for state in ("ok", "degraded", "unreachable", "open"):
+            if state in states:
+                return state
+        return states[0]
+
+    async def probe(self) -> str:
+        states = await asyncio.gather(*(r.probe() for r in self.replicas))
+        for state in ("ok", "degraded", "unreachable", "open"):
+            if state in states:
+                return state
+        return states[0]
+
+    async def start(self) -> None:
+        for r in self.replicas:
+            await r.start()
+        kind = self.cfg.load.metrics
+        if kind != "none":
+            self._poller = LoadPoller(self.name, kind, self.cfg.load.interval, self.replicas)
+            self._poller.start()
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            await self._poller.stop()
+            self._poller = None
+        for r in self.replicas:
+            await r.close()
 
 
 def tls_context(tls: UpstreamTls) -> ssl.SSLContext:
@@ -149,8 +268,11 @@ def tls_context(tls: UpstreamTls) -> ssl.SSLContext:
 
 
 class Upstreams:
-    def __init__(self, configs: Iterable[UpstreamConfig]) -> None:
+    def __init__(self, configs: Iterable[UpstreamConfig], queue: QueueConfig | None = None) -> None:
         self.all = [Upstream(c) for c in configs]
+        # any fleet that balances by affinity: requests need their affinity key
+        self.affinity = any(u.fleet and u.balance == "affinity" for u in self.all)
+        self.admission = Admission(queue or QueueConfig())
         self._matches: dict[str, list[Upstream]] = {}
         self.keepalive = 0.0
         self.max_response_bytes = 64 * 1024 * 1024
@@ -190,3 +312,28 @@ class Upstreams:
     async def probe(self) -> dict[str, str]:
         states = await asyncio.gather(*(u.probe() for u in self.all))
         return {u.name: state for u, state in zip(self.all, states, strict=True)}
+
+    async def replica_states(self) -> dict[str, list[dict[str, object]]]:
+        """Each fleet's replicas by index (never by address): state, requests in
+        flight, and the engine's own load where it is polled."""
+        out: dict[str, list[dict[str, object]]] = {}
+        for up in self.all:
+            if not up.fleet:
+                continue
+            rows: list[dict[str, object]] = []
+            states = await asyncio.gather(*(r.probe() for r in up.replicas))
+            for r, state in zip(up.replicas, states, strict=True):
+                row: dict[str, object] = {
+                    "index": r.index,
+                    "state": state,
+                    "in_flight": r.in_flight,
+                }
+                if r.engine is not None:
+                    row["engine"] = {
+                        "running": r.engine.running,
+                        "waiting": r.engine.waiting,
+                        "kv_usage": r.engine.kv_usage,
+                    }
+                rows.append(row)
+            out[up.name] = rows
+        return out

@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast, sse
+from proxy import jsonfast, metrics, sse
 from proxy.backend import BackendResponse as Response
 from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
+from proxy.fleet.affinity import affinity_point
 from proxy.forward import forward_headers
 from proxy.relay import relay
-from proxy.routing import Upstream, Upstreams
+from proxy.routing import Replica, Upstream, Upstreams
 from proxy.transform import MAX_EVENT_BYTES
 
 __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
@@ -67,21 +69,22 @@ def _retry_after(resp: Response) -> float | None:
 
 
 async def _open(
-    up: Upstream, ex: Exchange, target: str, data: bytes | None
+    up: Upstream, replica: Replica, ex: Exchange, target: str, data: bytes | None
 ) -> tuple[Response, bytes, Decoder | None]:
     """Send the request; return the answer, its first bytes (for a stream: up to its
     first data event) and the decoder of a stream's Content-Encoding, or raise
     Failure."""
-    assert up.pool is not None
+    pool = replica.pool
+    assert pool is not None
     t = up.cfg.timeouts
-    loop = up.pool.loop
+    loop = pool.loop
     deadline = loop.time() + t.first_byte
     resp: Response | None = None
     try:
-        resp = await up.pool.request(
+        resp = await pool.request(
             ex.request.method,
             target,
-            forward_headers(ex, up),
+            forward_headers(ex, replica),
             data,
             timeout=t.first_byte,
         )
@@ -267,18 +270,33 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             code="upstream_unavailable",
         )
     data = jsonfast.dumps(ex.body) if ex.body is not None else ex.raw_body
+    point = affinity_point(ex) if upstreams.affinity else None
     last: Failure | None = None
     stale_retried = False
-    for up in live:
+    index = 0
+    while index < len(live):
+        up = live[index]
+        index += 1
         attempt = 0
+        avoid: Replica | None = None
         while attempt < up.cfg.retries.attempts:
+            slot = await _admit(ex, upstreams, live, index - 1, point, avoid)
+            if slot is None:
+                break  # every replica's circuit opened: the next upstream
+            if slot[0] is not up:
+                # admitted by a later upstream while this one was full
+                up = slot[0]
+                index = live.index(up) + 1
+                attempt = 0
+            replica = slot[1]
             attempt += 1
             ex.attempts += 1
             try:
                 resp, first, decoder = await _open(
-                    up, ex, up.target(path, ex.request.rel_url.raw_query_string), data
+                    up, replica, ex, replica.target(path, ex.request.rel_url.raw_query_string), data
                 )
             except Failure as failure:
+                _release(upstreams, up, replica)
                 if failure.kind == "stale" and not stale_retried:
                     # the backend had just closed an idle pooled connection: once more,
                     # at once, without counting it as an attempt
@@ -286,26 +304,34 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     attempt -= 1
                     continue
                 last = failure
-                ex.failures.append(f"{up.name}:{failure.kind}")
+                where = f"{up.name}/{replica.index}" if up.fleet else up.name
+                ex.failures.append(f"{where}:{failure.kind}")
                 if failure.kind != "http_429" and (
                     failure.retryable or not failure.kind.startswith("http_")
                 ):
-                    up.record(False)  # busy is not broken, and a 4xx is the client's
+                    replica.record(False)  # busy is not broken, and a 4xx is the client's
                 if not failure.retryable:
                     # an answer to give as it is, or a request that may have reached
                     # the backend: never sent again, here or elsewhere
                     ex.upstream = up.name
+                    if up.fleet:
+                        ex.replica = replica.index
                     raise failure.error from None
                 if up.is_open:
                     break
+                avoid = replica  # another replica, where there is one
                 if attempt < up.cfg.retries.attempts:
                     await asyncio.sleep(_backoff(attempt, up, failure.retry_after))
                 continue
-            up.record(True)
+            replica.record(True)
             ex.upstream = up.name
-            ex.response_headers["x-upstream"] = up.name
+            headers = ex.response_headers
+            headers["x-upstream"] = up.name
+            if up.fleet:
+                ex.replica = replica.index
+                headers["x-upstream-replica"] = replica.label
             if ex.attempts > 1:
-                ex.response_headers["x-upstream-attempts"] = str(ex.attempts)
+                headers["x-upstream-attempts"] = str(ex.attempts)
             try:
                 return await relay(
                     ex, up, resp, first, upstreams.keepalive, upstreams.max_response_bytes, decoder
@@ -314,8 +340,90 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                 # back to the pool when read to the end; closed (and so cancelled at
                 # the backend) otherwise
                 resp.release()
-    assert last is not None
+                _release(upstreams, up, replica)
+    if last is None:
+        raise ProxyError(
+            503,
+            "Every backend for this model is temporarily unavailable.",
+            code="upstream_unavailable",
+        )
     raise last.error
+
+
+async def _admit(
+    ex: Exchange,
+    upstreams: Upstreams,
+    live: list[Upstream],
+    index: int,
+    point: int | None,
+    avoid: Replica | None,
+) -> tuple[Upstream, Replica] | None:
+    """A replica of live[index] (or, when it is full, of a later upstream with room)
+    reserved for this request; waits in the admission queue when all of them are
+    full; None when none can serve at all (their circuits open)."""
+    up = live[index]
+    replica = up.choose(point, avoid)
+    if replica is not None:
+        _reserve(up, replica)
+        if up.max_in_flight is not None:
+            ex.queue_ms = 0.0
+            ex.response_headers["x-queue-ms"] = "0"
+            metrics.QUEUE_WAIT.labels(up.name).observe(0.0)
+        return up, replica
+    if up.max_in_flight is None or up.is_open:
+        return None
+    rest = live[index:]
+    for other in rest[1:]:
+        replica = other.choose(point)
+        if replica is not None:
+            _reserve(other, replica)
+            if other.max_in_flight is not None:
+                ex.queue_ms = 0.0
+                ex.response_headers["x-queue-ms"] = "0"
+            return other, replica
+    waits = [u for u in rest if u.max_in_flight is not None and not u.is_open]
+    identity = ex.identity
+    started = time.perf_counter()
+    gauge = metrics.QUEUE_WAITING.labels(up.name)
+    gauge.inc()
+    try:
+        slot = await upstreams.admission.wait(
+            waits,
+            point,
+            ex.client_id,
+            identity.priority if identity is not None else 0,
+            identity.weight if identity is not None else 1.0,
+        )
+    except ProxyError as exc:
+        metrics.QUEUE_REFUSED.labels(exc.code or "refused").inc()
+        ex.queue_ms = (time.perf_counter() - started) * 1000
+        raise
+    except asyncio.CancelledError:
+        metrics.QUEUE_REFUSED.labels("client_left").inc()
+        raise
+    finally:
+        gauge.dec()
+    waited = time.perf_counter() - started
+    ex.queue_ms = waited * 1000
+    ex.response_headers["x-queue-ms"] = str(round(waited * 1000))
+    metrics.QUEUE_WAIT.labels(slot[0].name).observe(waited)
+    if slot[0].fleet:
+        metrics.REPLICA_IN_FLIGHT.labels(slot[0].name, slot[1].label).inc()
+    return slot
+
+
+def _reserve(up: Upstream, replica: Replica) -> None:
+    replica.in_flight += 1
+    if up.fleet:
+        metrics.REPLICA_IN_FLIGHT.labels(up.name, replica.label).inc()
+
+
+def _release(upstreams: Upstreams, up: Upstream, replica: Replica) -> None:
+    replica.in_flight -= 1
+    if up.fleet:
+        metrics.REPLICA_IN_FLIGHT.labels(up.name, replica.label).dec()
+    if up.max_in_flight is not None:
+        upstreams.admission.released(up)
 
 
 def model_list_merge(docs: list[Any]) -> dict[str, Any]:
@@ -343,12 +451,18 @@ async def list_models(ex: Exchange, upstreams: Upstreams) -> web.StreamResponse:
     docs: list[Any] = []
     errors: list[ProxyError] = []
     for up in upstreams.all:
-        if up.pool is None or up.is_open:
+        # the replicas of an upstream serve the same models: one of them answers
+        replica = next((r for r in up.replicas if r.pool is not None and not r.is_open), None)
+        if replica is None or replica.pool is None:
             continue
         timeout = up.cfg.timeouts.first_byte
         try:
-            resp = await up.pool.request(
-                "GET", up.target("/models", ""), forward_headers(ex, up), None, timeout=timeout
+            resp = await replica.pool.request(
+                "GET",
+                replica.target("/models", ""),
+                forward_headers(ex, replica),
+                None,
+                timeout=timeout,
             )
             try:
                 cap = MAX_ERROR_BODY if resp.status >= 400 else upstreams.max_response_bytes

@@ -64,6 +64,10 @@ class KeyEntry(Model):
     models: tuple[str, ...] = Field(("*",), min_length=1)
     limits: Limits | None = None
     model: str | None = None
+    # the admission queue serves higher priorities first and, within one, keys in
+    # proportion to their weights
+    priority: int = Field(0, ge=0, le=9)
+    weight: float = Field(1, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +121,8 @@ class KeyEntry(Model):
             models=self.models,
             limits=self.limits,
             model=self.model,
+            priority=self.priority,
+            weight=self.weight,
         )
 
 

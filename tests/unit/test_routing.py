@@ -32,7 +32,7 @@ def test_weighted_upstreams_share_the_load() -> None:
 
 
 def test_the_circuit_opens_after_failures_and_closes_after_its_cooldown() -> None:
-    up = Upstream(cfg("a", circuit={"failures": 2, "cooldown": 0.05}))
+    up = Upstream(cfg("a", circuit={"failures": 2, "cooldown": 0.05})).replicas[0]
     up.pool = object()  # type: ignore[assignment]  # started, as far as state() knows
     up.record(False)
     assert not up.is_open and up.state() == "degraded"
@@ -45,7 +45,7 @@ def test_the_circuit_opens_after_failures_and_closes_after_its_cooldown() -> Non
 
 
 def test_targets_keep_the_base_path_and_the_query_as_it_came() -> None:
-    up = Upstream(cfg("a"))
+    up = Upstream(cfg("a")).replicas[0]
     assert up.target("/chat/completions", "") == "/a/v1/chat/completions"
     assert up.target("/embeddings", "x=1&y=%20") == "/a/v1/embeddings?x=1&y=%20"
     assert up.target("/files/a b", "") == "/a/v1/files/a%20b"

@@ -1,0 +1,174 @@
+"""Admission: requests wait here when every replica that could serve them is full
+(`max_in_flight` each).
+
+Higher `priority` first. Within one priority, keys share by start-time fair queuing:
+a request of a key with weight w gets the tag max(virtual time, the key's last tag)
++ 1/w, and the waiter with the smallest tag goes first, the virtual time becoming
+its tag. A key that floods only pushes its own tags ahead, so a lighter key's
+requests are served within its share whatever the other sends. A freed slot is
+handed to its waiter directly (no thundering herd); a waiter that leaves (its
+client gone, its wait over) leaves the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from proxy.config import QueueConfig
+from proxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from proxy.routing import Replica, Upstream
+
+
+class Waiter:
+    __slots__ = ("future", "key", "point", "priority", "queued", "tag", "upstreams")
+
+    def __init__(
+        self,
+        future: asyncio.Future[tuple[Upstream, Replica]],
+        upstreams: Sequence[Upstream],
+        point: int | None,
+        key: str,
+        tag: float,
+        priority: int,
+    ) -> None:
+        self.future = future
+        self.upstreams = upstreams
+        self.point = point  # its affinity key, for the replica it gets
+        self.key = key
+        self.tag = tag
+        self.priority = priority
+        self.queued = True
+
+
+class _Level:
+    """The waiters of one priority, by key."""
+
+    __slots__ = ("keys", "last_tag", "vtime")
+
+    def __init__(self) -> None:
+        self.keys: dict[str, deque[Waiter]] = {}
+        self.last_tag: dict[str, float] = {}
+        self.vtime = 0.0
+
+
+class Admission:
+    def __init__(self, cfg: QueueConfig) -> None:
+        self.max_waiting = cfg.max_waiting
+        self.max_wait = cfg.max_wait_seconds
+        self.waiting = 0
+        self._levels: dict[int, _Level] = {}
+        self._order: list[int] = []  # priorities with waiters, highest first
+        # waiters per upstream name, for the metrics
+        self.waiting_by_upstream: dict[str, int] = {}
+
+    async def wait(
+        self,
+        upstreams: Sequence[Upstream],
+        point: int | None,
+        key: str,
+        priority: int,
+        weight: float,
+    ) -> tuple[Upstream, Replica]:
+        """Wait for a slot on one of `upstreams` (each full now); the replica comes
+        reserved (its in_flight counted). 429 when the queue is full, 503 when the
+        wait is over."""
+        if self.waiting >= self.max_waiting:
+            raise ProxyError(
+                429,
+                f"Every backend for this model is busy and {self.waiting} requests are "
+                "already waiting; retry shortly.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = _Level()
+        if not level.keys:
+            self._order = sorted({*self._order, priority}, reverse=True)
+        start = max(level.vtime, level.last_tag.get(key, 0.0))
+        tag = start + 1.0 / weight
+        level.last_tag[key] = tag
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Upstream, Replica]] = loop.create_future()
+        waiter = Waiter(future, upstreams, point, key, start, priority)
+        queue = level.keys.get(key)
+        if queue is None:
+            queue = level.keys[key] = deque()
+        queue.append(waiter)
+        self._count(waiter, 1)
+        try:
+            async with asyncio.timeout(self.max_wait):
+                return await future
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result()  # handed a slot as the wait ran out
+            self._leave(waiter)
+            raise ProxyError(
+                503,
+                f"Every backend for this model stayed busy for {self.max_wait:g} seconds.",
+                code="queue_timeout",
+                headers={"Retry-After": str(max(1, round(self.max_wait / 10)))},
+            ) from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # handed a slot as its client left: hand it on
+                up, replica = future.result()
+                replica.in_flight -= 1
+                self.released(up)
+            else:
+                self._leave(waiter)
+            raise
+
+    def released(self, up: Upstream) -> None:
+        """A slot of `up` is free: hand it to the first waiter that may use it."""
+        if not self.waiting:
+            return
+        for priority in self._order:
+            level = self._levels[priority]
+            best: Waiter | None = None
+            for queue in level.keys.values():
+                for waiter in queue:
+                    if up in waiter.upstreams:
+                        if best is None or waiter.tag < best.tag:
+                            best = waiter
+                        break
+            if best is None:
+                continue
+            replica = up.choose(best.point)
+            if replica is None:
+                return
+            replica.in_flight += 1
+            level.vtime = best.tag
+            self._leave(best)
+            best.future.set_result((up, replica))
+            return
+
+    def _leave(self, waiter: Waiter) -> None:
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        level = self._levels[waiter.priority]
+        queue = level.keys[waiter.key]
+        queue.remove(waiter)
+        if not queue:
+            del level.keys[waiter.key]
+            level.last_tag.pop(waiter.key, None)
+            if not level.keys:
+                self._order = [p for p in self._order if p != waiter.priority]
+        self._count(waiter, -1)
+
+    def _count(self, waiter: Waiter, delta: int) -> None:
+        self.waiting += delta
+        counts = self.waiting_by_upstream
+        name = waiter.upstreams[0].name
+        counts[name] = counts.get(name, 0) + delta
+
+
+def queue_ms(since: float) -> str:
+    return str(round((time.perf_counter() - since) * 1000))
