@@ -128,3 +128,44 @@ def test_the_file_shape_is_read_without_importing_a_middleware() -> None:
     loaded = out.stdout
     assert "proxy.config" in loaded
     assert "proxy.middleware" not in loaded and "proxy.chain" not in loaded, loaded
+
+
+def test_a_fleet_is_read_with_its_defaults() -> None:
+    cfg = load_text(
+        "upstreams:\n  - name: f\n    replicas: [http://127.0.0.1:1/v1, http://127.0.0.1:2/v1/]\n"
+        "queue: {max_waiting: 5}\n",
+        env={},
+    )
+    up = cfg.upstreams[0]
+    assert up.urls == ("http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1")
+    assert up.balance == "affinity" and up.affinity.load_factor == 1.25
+    assert up.max_in_flight is None and up.load.metrics == "none"
+    assert cfg.queue.max_waiting == 5 and cfg.queue.max_wait_seconds == 30
+
+
+def test_fleet_errors_name_their_paths() -> None:
+    both = "upstreams:\n  - name: f\n    url: http://a:1/v1\n    replicas: [http://b:1/v1]\n"
+    assert any("url" in e and "replicas" in e for e in errors_of(both))
+    assert any("upstreams" in e and "url" in e for e in errors_of("upstreams:\n  - name: f\n"))
+    twice = "upstreams:\n  - name: f\n    replicas: [http://b:1/v1, http://b:1/v1/]\n"
+    assert any("replicas" in e and "distinct" in e for e in errors_of(twice))
+    bad = (
+        "upstreams:\n  - name: f\n    replicas: [ftp://b]\n    balance: fastest\n"
+        "    max_in_flight: 0\n    affinity: {load_factor: 0.5}\n    load: {metrics: tgi}\n"
+        "queue: {max_wait_seconds: 0}\n"
+    )
+    found = "\n".join(errors_of(bad))
+    for where in (
+        "upstreams[0].replicas",
+        "upstreams[0].balance",
+        "upstreams[0].max_in_flight",
+        "upstreams[0].affinity.load_factor",
+        "upstreams[0].load.metrics",
+        "queue.max_wait_seconds",
+    ):
+        assert where in found, (where, found)
+
+
+def test_a_key_priority_outside_0_to_9_is_an_error() -> None:
+    text = UP + "middleware:\n  - type: auth\n    keys:\n      - {id: a, key: sk-a, priority: 10}\n"
+    assert any("priority" in e for e in errors_of(text))
