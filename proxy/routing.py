@@ -168,6 +168,8 @@ class Upstream:
         self.replicas = [Replica(cfg, i, url) for i, url in enumerate(cfg.urls)]
         self.fleet = len(self.replicas) > 1
         self.max_in_flight = cfg.max_in_flight
+        # one replica, no admission: nothing to choose, nothing to wait for
+        self.plain = not self.fleet and cfg.max_in_flight is None
         self.balance = cfg.balance
         self._ring = Ring(cfg.urls) if self.fleet and cfg.balance == "affinity" else None
         self._turn = itertools.count()
@@ -182,6 +184,8 @@ class Upstream:
     @property
     def is_open(self) -> bool:
         """Every replica's circuit is open."""
+        if not self.fleet:
+            return self.replicas[0].open_until > time.monotonic()
         return all(r.is_open for r in self.replicas)
 
     def usable(self, r: Replica) -> bool:

@@ -280,15 +280,19 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
         attempt = 0
         avoid: Replica | None = None
         while attempt < up.cfg.retries.attempts:
-            slot = await _admit(ex, upstreams, live, index - 1, point, avoid)
-            if slot is None:
-                break  # every replica's circuit opened: the next upstream
-            if slot[0] is not up:
-                # admitted by a later upstream while this one was full
-                up = slot[0]
-                index = live.index(up) + 1
-                attempt = 0
-            replica = slot[1]
+            if up.plain:
+                replica = up.replicas[0]
+                replica.in_flight += 1
+            else:
+                slot = await _admit(ex, upstreams, live, index - 1, point, avoid)
+                if slot is None:
+                    break  # every replica's circuit opened: the next upstream
+                if slot[0] is not up:
+                    # admitted by a later upstream while this one was full
+                    up = slot[0]
+                    index = live.index(up) + 1
+                    attempt = 0
+                replica = slot[1]
             attempt += 1
             ex.attempts += 1
             try:
@@ -420,6 +424,8 @@ def _reserve(up: Upstream, replica: Replica) -> None:
 
 def _release(upstreams: Upstreams, up: Upstream, replica: Replica) -> None:
     replica.in_flight -= 1
+    if up.plain:
+        return
     if up.fleet:
         metrics.REPLICA_IN_FLIGHT.labels(up.name, replica.label).dec()
     if up.max_in_flight is not None:
