@@ -74,6 +74,12 @@ AFFINITY_SPILLS = Counter(
     "Requests sent elsewhere because their own replica (the one named) was over its bounded load.",
     ["upstream", "replica"],
 )
+REPLICA_ENGINE = Gauge(
+    "chat_proxy_replica_engine_requests",
+    "Requests each replica's engine reports running or waiting (load.metrics).",
+    ["upstream", "replica", "state"],
+    multiprocess_mode="max",
+)
 QUEUE_WAITING = Gauge(
     "chat_proxy_queue_waiting",
     "Requests waiting for admission, by the upstream they wait for first.",

@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 
 from yarl import URL
 
+from proxy import metrics
 from proxy.backend import BackendClient, request_target
 from proxy.backend.aiohttp_client import AiohttpClient
 from proxy.backend.http1 import Pool
@@ -53,12 +54,24 @@ class Replica:
         # requests this proxy has in flight on it, from admission to the answer's end
         self.in_flight = 0
         # what the engine's own metrics said last (load.metrics), None when unread
-        self.engine: EngineLoad | None = None
+        self._engine: EngineLoad | None = None
         self.metrics_target = "/metrics"
 
     @property
     def is_open(self) -> bool:
         return self.open_until > time.monotonic()
+
+    @property
+    def engine(self) -> EngineLoad | None:
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: EngineLoad | None) -> None:
+        self._engine = value
+        running = value.running if value is not None else 0.0
+        waiting = value.waiting if value is not None else 0.0
+        metrics.REPLICA_ENGINE.labels(self.name, self.label, "running").set(running)
+        metrics.REPLICA_ENGINE.labels(self.name, self.label, "waiting").set(waiting)
 
     @property
     def load(self) -> float:
