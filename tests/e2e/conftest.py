@@ -19,6 +19,7 @@ try:
     from .llama_server import (
         INSTALL_HINT,
         LlamaBackend,
+        LlamaFleet,
         find_llama_server_python,
         start_llama_server,
     )
@@ -27,6 +28,7 @@ except ImportError:
     from llama_server import (
         INSTALL_HINT,
         LlamaBackend,
+        LlamaFleet,
         find_llama_server_python,
         start_llama_server,
     )
@@ -75,6 +77,45 @@ async def llama_proxy(make_proxy: Any, llama_backend: LlamaBackend) -> LlamaProx
     async def factory(text: str, env: dict[str, str] | None = None) -> Any:
         text = text.replace("{llama}", llama_backend.base_url)
         text = text.replace("{llama_model}", llama_backend.model)
+        return await make_proxy(text, None, env)
+
+    return factory
+
+
+# -- a fleet of llama servers --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaFleet]:
+    """Two llama-cpp-python servers (separate processes, free 127.0.0.1 ports, the same
+    tiny model file), apart from ``llama_backend``. A test that stops one does so with
+    ``with llama_fleet.stopped(i):``, which starts it again on the same port after."""
+    python = find_llama_server_python()
+    if python is None:
+        _skip_or_fail(INSTALL_HINT)
+    workdir = tmp_path_factory.mktemp("llama-fleet")
+    model_path = workdir / "tiny-llama.gguf"
+    write_tiny_llama_gguf(model_path)
+    fleet = LlamaFleet(model_path, 2, python=python, model_alias=MODEL_NAME)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+async def llama_fleet_proxy(make_proxy: Any, llama_fleet: LlamaFleet) -> LlamaProxyFactory:
+    """llama_fleet_proxy(yaml_text, env=None) -> a TestClient of the proxy, in process.
+
+    ``{replica0}``, ``{replica1}`` in the YAML become the fleet's base URLs and
+    ``{llama_model}`` the model id they serve. Every replica is checked to be running
+    first (a test before may have failed while one was stopped)."""
+
+    async def factory(text: str, env: dict[str, str] | None = None) -> Any:
+        for i, url in enumerate(llama_fleet.base_urls):
+            llama_fleet.restart(i)  # same port, so the same URL
+            text = text.replace(f"{{replica{i}}}", url)
+        text = text.replace("{llama_model}", llama_fleet.model)
         return await make_proxy(text, None, env)
 
     return factory

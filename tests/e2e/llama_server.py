@@ -15,6 +15,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -217,3 +219,77 @@ def stop_llama_server(server: LlamaServer, timeout: float = 10.0) -> None:
             proc.wait(timeout=timeout)
     if server._log_file is not None and not server._log_file.closed:
         server._log_file.close()
+
+
+class LlamaFleet:
+    """Separate llama server processes on their own free ports, serving one model file:
+    the replicas of one upstream. ``base_urls[i]`` is replica i's URL (``/v1``
+    included); ``stopped(i)`` takes one down for the length of a ``with`` block."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        size: int,
+        *,
+        python: Path | None = None,
+        model_alias: str | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.python = python
+        self.model_alias = model_alias
+        self._starts = 0
+        self.servers: list[LlamaServer] = []
+        try:
+            for _ in range(size):
+                self.servers.append(self._start(None))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, port: int | None) -> LlamaServer:
+        self._starts += 1
+        log = self.model_path.with_name(f"llama-fleet-{self._starts}.log")
+        return start_llama_server(
+            self.model_path,
+            python=self.python,
+            port=port,
+            model_alias=self.model_alias,
+            log_path=log,
+        )
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [s.base_url for s in self.servers]
+
+    @property
+    def model(self) -> str:
+        return self.servers[0].model_id
+
+    def running(self, index: int) -> bool:
+        return self.servers[index].process.poll() is None
+
+    def stop(self, index: int) -> None:
+        """Stop replica ``index`` (its port then refuses connections)."""
+        self.servers[index].stop()
+
+    def restart(self, index: int) -> None:
+        """Start replica ``index`` again on the same port (so its URL, and so the
+        proxy's ring, stays the same); a no-op when it is running."""
+        old = self.servers[index]
+        if old.process.poll() is None:
+            return
+        old.stop()  # closes its log
+        self.servers[index] = self._start(old.port)
+
+    @contextmanager
+    def stopped(self, index: int) -> Iterator[None]:
+        """Replica ``index`` down inside the block, up again (same URL) after it."""
+        self.stop(index)
+        try:
+            yield
+        finally:
+            self.restart(index)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
