@@ -205,8 +205,6 @@ class UpstreamConfig(Model):
     def _one_address(self) -> UpstreamConfig:
         if (self.url is None) == (not self.replicas):
             raise ValueError("give either `url` or `replicas`, not both and not neither")
-        if self.hedge.after_ms > 0:
-            raise ValueError("hedge.after_ms: hedged requests are not available; leave it at 0")
         return self
 
     @property

@@ -80,6 +80,12 @@ REPLICA_ENGINE = Gauge(
     ["upstream", "replica", "state"],
     multiprocess_mode="max",
 )
+HEDGES = Counter(
+    "chat_proxy_hedges_total",
+    "Hedged requests (hedge.after_ms) by upstream and which attempt won: the first, "
+    "the hedge, or neither.",
+    ["upstream", "winner"],
+)
 QUEUE_WAITING = Gauge(
     "chat_proxy_queue_waiting",
     "Requests waiting for admission, by the upstream they wait for first.",

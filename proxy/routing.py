@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from fnmatch import fnmatchcase
 
 from yarl import URL
@@ -210,18 +210,21 @@ class Upstream:
         """No replica can take a request now (each open or at max_in_flight)."""
         return not any(self.usable(r) for r in self.replicas)
 
-    def choose(self, point: int | None, avoid: Replica | None = None) -> Replica | None:
+    def choose(self, point: int | None, avoid: Collection[Replica] = ()) -> Replica | None:
         """The replica for a request whose affinity key hashes to `point` (None: no
-        key), not `avoid` where another can serve; None when none can take it now."""
+        key), not one of `avoid` where another can serve; None when none can take it
+        now."""
         replicas = self.replicas
         if not self.fleet:
             r = replicas[0]
             return r if self.usable(r) else None
-        usable = [self.usable(r) and r is not avoid for r in replicas]
+        usable = [self.usable(r) for r in replicas]
         if not any(usable):
-            if avoid is None or not self.usable(avoid):
-                return None
-            usable[avoid.index] = True
+            return None
+        if avoid:
+            others = [ok and r not in avoid for r, ok in zip(replicas, usable, strict=True)]
+            if any(others):
+                usable = others
         if self._ring is not None and point is not None:
             loads = [r.load for r in replicas]
             picked = self._ring.pick(point, loads, usable, self.cfg.affinity.load_factor)

@@ -1,253 +1,37 @@
 """The terminal handler: the only code that talks to a backend.
 
-It picks the upstream by model (proxy/routing.py), sends the request, retries and
-falls back only before the first byte has gone to the client, then hands the answer
-to proxy/relay.py.
+It picks the upstream by model and its replica (proxy/routing.py, proxy/fleet/),
+waits for admission where the replicas are full, sends the request
+(proxy/attempt.py), retries and falls back only before the first byte has gone to
+the client (and only where the request surely never arrived), hedges a slow chat
+request where the upstream asks for it, then hands the answer to proxy/relay.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast, metrics, sse
+from proxy import jsonfast, metrics
+from proxy.attempt import MAX_ERROR_BODY, Failure, backoff, open_answer
 from proxy.backend import BackendResponse as Response
-from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected
+from proxy.backend import BodyTooLarge, ClientError
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
 from proxy.fleet.affinity import affinity_point
 from proxy.forward import forward_headers
 from proxy.relay import relay
+from proxy.routes import CHAT
 from proxy.routing import Replica, Upstream, Upstreams
-from proxy.transform import MAX_EVENT_BYTES
 
 __all__ = ["Upstream", "Upstreams", "handle", "list_models"]
 
 log = logging.getLogger("chat_proxy.upstream")
-
-# an error body is read up to this much; the rest is never read
-MAX_ERROR_BODY = 1024 * 1024
-
-
-class Failure(Exception):
-    """An attempt that failed before the first byte; `retryable` says whether another
-    attempt (here or on another upstream) may be made."""
-
-    def __init__(
-        self, kind: str, error: ProxyError, retryable: bool, retry_after: float | None = None
-    ):
-        super().__init__(error.message)
-        self.kind = kind
-        self.error = error
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
-def _backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
-    r = up.cfg.retries
-    delay = min(r.backoff_max, r.backoff_initial * (2 ** (attempt - 1)))
-    delay = random.uniform(delay / 2, delay) if delay else 0.0
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, r.retry_after_max))
-    return delay
-
-
-def _retry_after(resp: Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-async def _open(
-    up: Upstream, replica: Replica, ex: Exchange, target: str, data: bytes | None
-) -> tuple[Response, bytes, Decoder | None]:
-    """Send the request; return the answer, its first bytes (for a stream: up to its
-    first data event) and the decoder of a stream's Content-Encoding, or raise
-    Failure."""
-    pool = replica.pool
-    assert pool is not None
-    t = up.cfg.timeouts
-    loop = pool.loop
-    deadline = loop.time() + t.first_byte
-    resp: Response | None = None
-    try:
-        resp = await pool.request(
-            ex.request.method,
-            target,
-            forward_headers(ex, replica),
-            data,
-            timeout=t.first_byte,
-        )
-        if resp.status >= 400:
-            body = await _error_body(resp, max(deadline - loop.time(), 0.001))
-            raise _http_failure(up, resp, body)
-        first = await resp.read_chunk(max(deadline - loop.time(), 0.001))
-        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
-            return resp, first, None
-        decoder = None
-        encoding = content_encoding(resp.headers)
-        if encoding is not None:
-            try:
-                decoder = Decoder(encoding, MAX_EVENT_BYTES)
-                first = decoder.feed(first) if first else decoder.end()
-            except CannotDecode as exc:
-                resp.close()
-                raise Failure("bad_response", undecodable(exc), False) from None
-        # comments (`: ping`) do not commit the answer: a stream is one once its first
-        # event with a field has come
-        while not sse.has_field(first):
-            more = await resp.read_chunk(max(deadline - loop.time(), 0.001))
-            if decoder is not None:
-                try:
-                    more = decoder.feed(more) if more else decoder.end()
-                except CannotDecode as exc:
-                    resp.close()
-                    raise Failure("bad_response", undecodable(exc), False) from None
-                if not more and not resp.complete:
-                    continue
-            if not more:
-                # and never reuse the connection: the backend (llama-cpp-python)
-                # closes it next
-                resp.close()
-                raise Failure(
-                    "empty",
-                    ProxyError(
-                        502,
-                        "The backend ended the stream without sending anything."
-                        if not first
-                        else "The backend ended the stream without sending any event "
-                        "(only comments).",
-                        code="upstream_empty",
-                    ),
-                    True,
-                )
-            first += more
-            if len(first) > MAX_EVENT_BYTES:
-                resp.close()
-                raise Failure(
-                    "bad_response",
-                    ProxyError(
-                        502,
-                        "The backend sent only comments, more than "
-                        f"{MAX_EVENT_BYTES // 1048576} MiB of them.",
-                        code="upstream_bad_response",
-                    ),
-                    False,
-                )
-        return resp, first, decoder
-    except Failure:
-        raise
-    except ConnectTimeout:
-        # no connection in time: the request never left, and may go again
-        raise Failure(
-            "connect_timeout",
-            ProxyError(
-                504,
-                f"No connection to the backend could be had within {t.first_byte:g} seconds.",
-                code="upstream_timeout",
-            ),
-            True,
-        ) from None
-    except TimeoutError:
-        if resp is not None:
-            resp.close()
-        # the backend may be working on it: never sent again
-        raise Failure(
-            "timeout",
-            ProxyError(
-                504,
-                f"The backend did not answer within {t.first_byte:g} seconds.",
-                code="upstream_timeout",
-            ),
-            False,
-        ) from None
-    except Disconnected as exc:
-        # on a reused keep-alive connection, most often one the backend had just closed
-        # as idle: the request surely never reached it, and may go again (as Go's
-        # net/http does); a fresh connection that took the request and closed may
-        # have run it
-        raise Failure(
-            "stale" if exc.reused or not exc.sent else "closed",
-            ProxyError(
-                502,
-                "The backend closed the connection without answering.",
-                code="upstream_unreachable",
-            ),
-            exc.reused or not exc.sent,
-        ) from None
-    except ClientError:
-        if resp is not None:
-            resp.close()
-        raise Failure(
-            "reset" if resp is not None else "bad_response",
-            ProxyError(
-                502,
-                "The backend closed the connection early."
-                if resp is not None
-                else "The backend's answer is not valid HTTP.",
-                code="upstream_reset" if resp is not None else "upstream_bad_response",
-            ),
-            False,
-        ) from None
-    except OSError as exc:
-        if resp is not None:
-            resp.close()
-        raise Failure(
-            "connect" if resp is None else "reset",
-            ProxyError(
-                502,
-                f"The backend is unreachable ({type(exc).__name__}).",
-                code="upstream_unreachable",
-            ),
-            resp is None,  # a connection that could not be made took nothing
-        ) from None
-    except BaseException:
-        if resp is not None:
-            resp.close()
-        raise
-
-
-async def _error_body(resp: Response, timeout: float) -> bytes:
-    """A backend's error body, up to MAX_ERROR_BODY bytes (the rest is never read and
-    the connection not reused)."""
-    try:
-        body = await resp.read(timeout, MAX_ERROR_BODY)
-    except BodyTooLarge:
-        return b""
-    resp.release()
-    return body
-
-
-def _http_failure(up: Upstream, resp: Response, body: bytes) -> Failure:
-    """A backend's 4xx/5xx answer, as the client will see it."""
-    err = normalise_backend_error(resp.status, body)
-    retryable = resp.status in (429, 502, 503, 504)
-    if resp.status >= 500:
-        status = resp.status if resp.status in (502, 503, 504) else 502
-        message = err.message
-        if resp.status not in (502, 503, 504) or "Traceback" in message:
-            # a backend's internal failure may quote its traceback: log it, do not
-            # show it
-            log.warning(
-                "backend error",
-                extra={"upstream": up.name, "status": resp.status, "detail": message[:2000]},
-            )
-            message = f"The backend failed (status {resp.status})."
-        err = ProxyError(status, message)
-    after = _retry_after(resp)
-    if after is not None and resp.status in (429, 503):
-        err.headers["Retry-After"] = str(max(1, round(after)))
-    return Failure(f"http_{resp.status}", err, retryable, after)
 
 
 async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamResponse:
@@ -271,6 +55,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
         )
     data = jsonfast.dumps(ex.body) if ex.body is not None else ex.raw_body
     point = affinity_point(ex) if upstreams.affinity else None
+    query = ex.request.rel_url.raw_query_string
     last: Failure | None = None
     stale_retried = False
     index = 0
@@ -278,13 +63,13 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
         up = live[index]
         index += 1
         attempt = 0
-        avoid: Replica | None = None
+        tried: set[Replica] = set()
         while attempt < up.cfg.retries.attempts:
             if up.plain:
                 replica = up.replicas[0]
                 replica.in_flight += 1
             else:
-                slot = await _admit(ex, upstreams, live, index - 1, point, avoid)
+                slot = await _admit(ex, upstreams, live, index - 1, point, tried)
                 if slot is None:
                     break  # every replica's circuit opened: the next upstream
                 if slot[0] is not up:
@@ -292,13 +77,20 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     up = slot[0]
                     index = live.index(up) + 1
                     attempt = 0
+                    tried = set()
                 replica = slot[1]
             attempt += 1
             ex.attempts += 1
             try:
-                resp, first, decoder = await _open(
-                    up, replica, ex, replica.target(path, ex.request.rel_url.raw_query_string), data
-                )
+                if up.cfg.hedge.after_ms and ex.route is CHAT and ex.attempts == 1:
+                    up, replica, resp, first, decoder = await _hedged(
+                        ex, upstreams, live, index - 1, up, replica, point, path, data
+                    )
+                    index = live.index(up) + 1
+                else:
+                    resp, first, decoder = await open_answer(
+                        up, replica, ex, replica.target(path, query), data
+                    )
             except Failure as failure:
                 _release(upstreams, up, replica)
                 if failure.kind == "stale" and not stale_retried:
@@ -308,12 +100,7 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     attempt -= 1
                     continue
                 last = failure
-                where = f"{up.name}/{replica.index}" if up.fleet else up.name
-                ex.failures.append(f"{where}:{failure.kind}")
-                if failure.kind != "http_429" and (
-                    failure.retryable or not failure.kind.startswith("http_")
-                ):
-                    replica.record(False)  # busy is not broken, and a 4xx is the client's
+                _failed(ex, up, replica, failure)
                 if not failure.retryable:
                     # an answer to give as it is, or a request that may have reached
                     # the backend: never sent again, here or elsewhere
@@ -323,10 +110,19 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                     raise failure.error from None
                 if up.is_open:
                     break
-                avoid = replica  # another replica, where there is one
+                tried.add(replica)
+                if up.fleet and any(not r.is_open and r not in tried for r in up.replicas):
+                    # it never arrived: another replica takes it, as another upstream
+                    # would, without spending an attempt or waiting
+                    attempt -= 1
+                    continue
+                tried.clear()
                 if attempt < up.cfg.retries.attempts:
-                    await asyncio.sleep(_backoff(attempt, up, failure.retry_after))
+                    await asyncio.sleep(backoff(attempt, up, failure.retry_after))
                 continue
+            except BaseException:
+                _release(upstreams, up, replica)  # the client left: its slot is free
+                raise
             replica.record(True)
             ex.upstream = up.name
             headers = ex.response_headers
@@ -354,13 +150,145 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
     raise last.error
 
 
+def _failed(ex: Exchange, up: Upstream, replica: Replica, failure: Failure) -> None:
+    """A failed attempt, for the access line, the metrics and the replica's circuit."""
+    where = f"{up.name}/{replica.index}" if up.fleet else up.name
+    ex.failures.append(f"{where}:{failure.kind}")
+    if failure.kind != "http_429" and (failure.retryable or not failure.kind.startswith("http_")):
+        replica.record(False)  # busy is not broken, and a 4xx is the client's
+
+
+Opened = tuple[Upstream, Replica, Response, bytes, Decoder | None]
+
+
+async def _hedged(
+    ex: Exchange,
+    upstreams: Upstreams,
+    live: list[Upstream],
+    index: int,
+    up: Upstream,
+    replica: Replica,
+    point: int | None,
+    path: str,
+    data: bytes | None,
+) -> Opened:
+    """The attempt on `replica`, and when it has no first byte after hedge.after_ms,
+    a second one on another replica (or the next upstream with room); the first to
+    start answering wins and the other is cancelled at once (its connection closed:
+    the backend sees the request go). When both fail, the second's failure is
+    recorded and the first's raised (its slot is the caller's to release)."""
+    query = ex.request.rel_url.raw_query_string
+    primary = asyncio.ensure_future(open_answer(up, replica, ex, replica.target(path, query), data))
+    try:
+        done, _ = await asyncio.wait({primary}, timeout=up.cfg.hedge.after_ms / 1000)
+    except asyncio.CancelledError:
+        await _cancel(primary)
+        raise
+    if done:
+        return (up, replica, *primary.result())
+    second = _hedge_slot(live, index, point, replica)
+    if second is None:
+        try:
+            return (up, replica, *(await primary))
+        except asyncio.CancelledError:
+            await _cancel(primary)
+            raise
+    up2, replica2 = second
+    ex.attempts += 1
+    secondary = asyncio.ensure_future(
+        open_answer(up2, replica2, ex, replica2.target(path, query), data)
+    )
+    pending = {primary, secondary}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # the first to answer wins; when both answered in one turn, the first sent
+            for task in (primary, secondary):
+                if task in done and task.exception() is None:
+                    loser = secondary if task is primary else primary
+                    await _cancel(loser)
+                    if task is primary:
+                        _drop_second(ex, upstreams, up2, replica2, secondary)
+                        metrics.HEDGES.labels(up.name, "first").inc()
+                        return (up, replica, *primary.result())
+                    _drop_first(ex, up, replica, primary)
+                    metrics.HEDGES.labels(up.name, "hedge").inc()
+                    _release(upstreams, up, replica)
+                    return (up2, replica2, *secondary.result())
+    except asyncio.CancelledError:
+        await _cancel(primary)
+        await _cancel(secondary)
+        _release(upstreams, up2, replica2)
+        raise
+    # both failed
+    metrics.HEDGES.labels(up.name, "neither").inc()
+    _drop_second(ex, upstreams, up2, replica2, secondary)
+    return (up, replica, *primary.result())  # raises its Failure
+
+
+def _hedge_slot(
+    live: list[Upstream], index: int, point: int | None, busy: Replica
+) -> tuple[Upstream, Replica] | None:
+    """Another replica of the upstream, or a replica of a later one, with room now;
+    reserved. A hedge never waits for admission."""
+    for up in live[index:]:
+        if up.is_open:
+            continue
+        replica = up.choose(point, {busy})
+        if replica is not None and replica is not busy:
+            _reserve(up, replica)
+            return up, replica
+    return None
+
+
+def _drop_first(
+    ex: Exchange,
+    up: Upstream,
+    replica: Replica,
+    task: asyncio.Future[tuple[Response, bytes, Decoder | None]],
+) -> None:
+    """The first attempt lost: its answer (if it came in the same turn) closed, its
+    failure recorded."""
+    if task.done() and not task.cancelled():
+        exc = task.exception()
+        if exc is None:
+            task.result()[0].close()
+        elif isinstance(exc, Failure):
+            _failed(ex, up, replica, exc)
+
+
+def _drop_second(
+    ex: Exchange,
+    upstreams: Upstreams,
+    up: Upstream,
+    replica: Replica,
+    task: asyncio.Future[tuple[Response, bytes, Decoder | None]],
+) -> None:
+    """The hedge lost or failed: its answer closed, its failure recorded, its slot
+    freed."""
+    if task.done() and not task.cancelled():
+        exc = task.exception()
+        if exc is None:
+            task.result()[0].close()
+        elif isinstance(exc, Failure):
+            _failed(ex, up, replica, exc)
+    _release(upstreams, up, replica)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel an attempt and wait for it to close its connection."""
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _admit(
     ex: Exchange,
     upstreams: Upstreams,
     live: list[Upstream],
     index: int,
     point: int | None,
-    avoid: Replica | None,
+    avoid: set[Replica],
 ) -> tuple[Upstream, Replica] | None:
     """A replica of live[index] (or, when it is full, of a later upstream with room)
     reserved for this request; waits in the admission queue when all of them are

@@ -6,10 +6,9 @@ affinity`), driven by the OpenAI Python SDK, whose raw responses carry the proxy
   one replica, and conversations with different first messages spread over both.
 - A streamed turn lands on the replica of the conversation's other turns.
 - When the replica holding a conversation stops, the next turn is answered by the
-  other one, and the turns after stay there. With `retries` at their default the
-  proxy answers that first turn 502 instead (xfail, see NO_FAILOVER); with
-  `attempts: 2`, or with the SDK's own retries, the client gets the other replica's
-  completion.
+  other one, and the turns after stay there: a connection refused never reached
+  the backend, so the other replica takes it without spending a retry (with
+  `retries` at their default or `attempts: 2`, and with the SDK's own retries).
 
 No middleware names a session, so the affinity key is the leading messages (the
 system prompt and the first user message). The ring is placed by the replicas'
@@ -177,21 +176,8 @@ async def test_a_streamed_turn_lands_with_its_conversation(
             assert conv.replicas == [replica] * 5
 
 
-# With `retries` at their default (attempts: 1) the proxy answers the first request to
-# a replica that has just gone down (connection refused, so never reached it) with 502
-# upstream_unreachable instead of sending it to the other replica; that failure opens
-# the replica's circuit (failures: 1), and only the requests after it go to the other.
-# proxy/upstream.py handle(): `avoid = replica` is used by the next attempt only, and
-# with attempts: 1 there is none. With attempts: 2 the retry goes to the other replica.
-NO_FAILOVER = pytest.mark.xfail(
-    strict=True,
-    raises=openai.InternalServerError,
-    reason="retries.attempts: 1 (the default): a fleet's first request to a stopped "
-    "replica gets 502 upstream_unreachable (ConnectionRefusedError) instead of going "
-    "to the other replica",
-)
 RETRIES = [
-    pytest.param("", id="retries-default", marks=NO_FAILOVER),
+    pytest.param("", id="retries-default"),
     pytest.param("    retries: {attempts: 2}\n", id="retries-2"),
 ]
 
