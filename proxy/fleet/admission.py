@@ -8,12 +8,16 @@ its tag. A key that floods only pushes its own tags ahead, so a lighter key's
 requests are served within its share whatever the other sends. A freed slot is
 handed to its waiter directly (no thundering herd); a waiter that leaves (its
 client gone, its wait over) leaves the queue at once.
+
+The places are shared alike: when all `max_waiting` are taken, an arrival pushes out
+the newest waiter of the key holding the most places for its weight (of a lower
+priority first), when that key holds more than the arrival's key would; otherwise
+the arrival is refused. A key that floods fills the queue only with itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
 
 
 class Waiter:
-    __slots__ = ("future", "key", "point", "priority", "queued", "tag", "upstreams")
+    __slots__ = ("future", "key", "point", "priority", "queued", "tag", "upstreams", "weight")
 
     def __init__(
         self,
@@ -36,8 +40,10 @@ class Waiter:
         key: str,
         tag: float,
         priority: int,
+        weight: float,
     ) -> None:
         self.future = future
+        self.weight = weight
         self.upstreams = upstreams
         self.point = point  # its affinity key, for the replica it gets
         self.key = key
@@ -64,8 +70,6 @@ class Admission:
         self.waiting = 0
         self._levels: dict[int, _Level] = {}
         self._order: list[int] = []  # priorities with waiters, highest first
-        # waiters per upstream name, for the metrics
-        self.waiting_by_upstream: dict[str, int] = {}
 
     async def wait(
         self,
@@ -76,16 +80,14 @@ class Admission:
         weight: float,
     ) -> tuple[Upstream, Replica]:
         """Wait for a slot on one of `upstreams` (each full now); the replica comes
-        reserved (its in_flight counted). 429 when the queue is full, 503 when the
-        wait is over."""
+        reserved (its in_flight counted). 429 when the queue is full (for this
+        key: see above), 503 when the wait is over."""
         if self.waiting >= self.max_waiting:
-            raise ProxyError(
-                429,
-                f"Every backend for this model is busy and {self.waiting} requests are "
-                "already waiting; retry shortly.",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
+            victim = self._victim(key, priority, weight)
+            if victim is None:
+                raise self._full()
+            self._leave(victim)
+            victim.future.set_exception(self._full())
         level = self._levels.get(priority)
         if level is None:
             level = self._levels[priority] = _Level()
@@ -96,12 +98,12 @@ class Admission:
         level.last_tag[key] = tag
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[Upstream, Replica]] = loop.create_future()
-        waiter = Waiter(future, upstreams, point, key, start, priority)
+        waiter = Waiter(future, upstreams, point, key, start, priority, weight)
         queue = level.keys.get(key)
         if queue is None:
             queue = level.keys[key] = deque()
         queue.append(waiter)
-        self._count(waiter, 1)
+        self.waiting += 1
         try:
             async with asyncio.timeout(self.max_wait):
                 return await future
@@ -124,6 +126,34 @@ class Admission:
             else:
                 self._leave(waiter)
             raise
+
+    def _full(self) -> ProxyError:
+        return ProxyError(
+            429,
+            f"Every backend for this model is busy and {self.waiting} requests are "
+            "already waiting; retry shortly.",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+    def _victim(self, key: str, priority: int, weight: float) -> Waiter | None:
+        """The waiter an arrival of `key` pushes out of a full queue, if any."""
+        level = self._levels.get(priority)
+        mine = (len(level.keys.get(key, ())) + 1) / weight if level is not None else 1 / weight
+        best: tuple[int, float] | None = None
+        victim: Waiter | None = None
+        for p, other in self._levels.items():
+            for k, queue in other.keys.items():
+                if k == key or not queue:
+                    continue
+                rank = (p, -len(queue) / queue[0].weight)
+                if best is None or rank < best:
+                    best, victim = rank, queue[-1]
+        if best is None or victim is None:
+            return None
+        if best[0] < priority or (best[0] == priority and -best[1] > mine):
+            return victim
+        return None
 
     def released(self, up: Upstream) -> None:
         """A slot of `up` is free: hand it to the first waiter that may use it."""
@@ -161,14 +191,4 @@ class Admission:
             level.last_tag.pop(waiter.key, None)
             if not level.keys:
                 self._order = [p for p in self._order if p != waiter.priority]
-        self._count(waiter, -1)
-
-    def _count(self, waiter: Waiter, delta: int) -> None:
-        self.waiting += delta
-        counts = self.waiting_by_upstream
-        name = waiter.upstreams[0].name
-        counts[name] = counts.get(name, 0) + delta
-
-
-def queue_ms(since: float) -> str:
-    return str(round((time.perf_counter() - since) * 1000))
+        self.waiting -= 1

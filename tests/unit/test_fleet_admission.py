@@ -175,3 +175,48 @@ async def test_a_waiter_of_another_upstream_is_passed_over() -> None:
     assert got is up and not elsewhere.done()
     elsewhere.cancel()
     await asyncio.gather(elsewhere, return_exceptions=True)
+
+
+async def test_a_flooding_key_cannot_take_every_place_from_another() -> None:
+    up = fleet()
+    adm = Admission(QueueConfig(max_waiting=4))
+    heavy = [asyncio.create_task(adm.wait([up], None, "heavy", 0, 1.0)) for _ in range(4)]
+    await settle()
+    # the queue is full of heavy's: light's arrival pushes out heavy's newest
+    light = asyncio.create_task(adm.wait([up], None, "light", 0, 1.0))
+    await settle()
+    assert adm.waiting == 4
+    pushed = heavy[-1]
+    assert pushed.done()
+    exc = pushed.exception()
+    assert isinstance(exc, ProxyError) and exc.status == 429 and exc.code == "queue_full"
+    # heavy arriving again is refused: it holds more places than light
+    with pytest.raises(ProxyError) as refused:
+        await adm.wait([up], None, "heavy", 0, 1.0)
+    assert refused.value.status == 429
+    # a second light arrival still finds a place (heavy holds 3, light would hold 2)
+    light2 = asyncio.create_task(adm.wait([up], None, "light", 0, 1.0))
+    await settle()
+    assert not light2.done() and sum(t.done() for t in heavy) == 2
+    # and light's first goes with heavy's first (both start at the same virtual time)
+    free_one(adm, up, up.replicas[0])
+    free_one(adm, up, up.replicas[1])
+    await asyncio.wait_for(light, 1)
+    assert heavy[0].done() and not heavy[1].done()
+    for t in [*heavy, light2]:
+        t.cancel()
+    await asyncio.gather(*heavy, light2, return_exceptions=True)
+    assert adm.waiting == 0
+
+
+async def test_a_higher_priority_arrival_pushes_out_a_lower_one() -> None:
+    up = fleet()
+    adm = Admission(QueueConfig(max_waiting=2))
+    low = [asyncio.create_task(adm.wait([up], None, f"low{i}", 0, 1.0)) for i in range(2)]
+    await settle()
+    high = asyncio.create_task(adm.wait([up], None, "high", 3, 1.0))
+    await settle()
+    assert not high.done() and sum(t.done() for t in low) == 1
+    for t in [*low, high]:
+        t.cancel()
+    await asyncio.gather(*low, high, return_exceptions=True)
