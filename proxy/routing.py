@@ -187,8 +187,6 @@ class Upstream:
         self._ring = Ring(cfg.urls) if self.fleet and cfg.balance == "affinity" else None
         self._turn = itertools.count()
         self._poller: LoadPoller | None = None
-        # requests that went to another replica than their own (affinity), by replica
-        self.spills = [0] * len(self.replicas)
 
     def serves(self, model: str | None) -> bool:
         name = model or ""
@@ -231,7 +229,7 @@ class Upstream:
             assert picked is not None
             chosen, owner = picked
             if chosen != owner:
-                self.spills[owner] += 1
+                metrics.AFFINITY_SPILLS.labels(self.name, replicas[owner].label).inc()
             return replicas[chosen]
         if self.balance == "round_robin":
             n = len(replicas)

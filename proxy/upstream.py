@@ -329,6 +329,7 @@ async def _admit(
     except ProxyError as exc:
         metrics.QUEUE_REFUSED.labels(exc.code or "refused").inc()
         ex.queue_ms = (time.perf_counter() - started) * 1000
+        exc.headers["x-queue-ms"] = str(round(ex.queue_ms))
         raise
     except asyncio.CancelledError:
         metrics.QUEUE_REFUSED.labels("client_left").inc()

@@ -115,7 +115,10 @@ class Admission:
                 503,
                 f"Every backend for this model stayed busy for {self.max_wait:g} seconds.",
                 code="queue_timeout",
-                headers={"Retry-After": str(max(1, round(self.max_wait / 10)))},
+                headers={
+                    "Retry-After": str(after := max(1, round(self.max_wait / 10))),
+                    "retry-after-ms": str(after * 1000),
+                },
             ) from None
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
@@ -133,7 +136,7 @@ class Admission:
             f"Every backend for this model is busy and {self.waiting} requests are "
             "already waiting; retry shortly.",
             code="queue_full",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": "1", "retry-after-ms": "1000"},
         )
 
     def _victim(self, key: str, priority: int, weight: float) -> Waiter | None:

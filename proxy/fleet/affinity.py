@@ -2,15 +2,16 @@
 `balance: affinity`.
 
 1. A conversation the client names (ElevenLabs' `conversation_id`, the session
-   header): that name, per key. Every proxy maps it alike, with or without a shared
-   store.
+   header), or the session the session middleware found for it (however it was
+   detected: a client that trims old messages keeps its session, and its replica):
+   that id, per key. A name the client gives maps alike on every proxy; a session
+   the proxy detected does where the proxies share their store.
 2. Otherwise the request's leading messages: every message up to and including the
    first user message (the system prompt and the first turn). Each turn of a
    conversation resends them unchanged, so its turns meet on one replica, the one
    holding its prefix in the KV cache; requests that share a system prompt and a
-   first message share that prefix too. A session the proxy detected from the
-   history is such a conversation. For a completions request: the prompt's first
-   2,048 characters.
+   first message share that prefix too. For a completions request: the prompt's
+   first 2,048 characters.
 3. Nothing to go by (no body): no key; the least busy replica.
 """
 
@@ -26,9 +27,7 @@ PROMPT_CHARS = 2048
 
 
 def affinity_point(ex: Exchange) -> int | None:
-    named = ex.conversation_id
-    if not named and ex.session_source == "header":
-        named = ex.session_id
+    named = ex.conversation_id or ex.session_id
     if named:
         return key_hash(f"{ex.client_id}\0{named}".encode("utf-8", "surrogateescape"))
     body = ex.body

@@ -249,12 +249,6 @@ async def test_an_elevenlabs_conversation_id_stays_on_one_replica(
         assert all("elevenlabs_extra_body" not in r.body for r in s.received)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a session the proxy continues from a trimmed history is placed by the hash of "
-    "its leading messages, which trimming changes, so its turns move between replicas; "
-    "the contract keeps the requests of one session, however detected, on one replica",
-)
 async def test_a_continued_session_with_a_trimmed_history_stays_on_one_replica(
     make_proxy: ProxyFactory, replicas: MakeReplicas
 ) -> None:
@@ -405,11 +399,6 @@ async def test_concurrent_requests_beyond_the_bound_go_elsewhere(
         assert (await chat(client, [SYSTEM, user("one busy conversation")]))[0] == home
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat_proxy_affinity_spills_total is declared but never incremented: the spills "
-    "are only counted in Upstream.spills, which nothing exports",
-)
 async def test_spills_are_counted_in_the_metrics(
     make_proxy: ProxyFactory, replicas: MakeReplicas
 ) -> None:

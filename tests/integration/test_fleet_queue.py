@@ -165,11 +165,6 @@ async def test_a_full_queue_refuses_with_429_and_retry_after(
     assert grew(before, after, "chat_proxy_queue_refusals_total", reason="queue_full") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the queue_full 429 has Retry-After but no retry-after-ms, which the contract "
-    "gives every 429 (and the OpenAI SDKs read first)",
-)
 async def test_a_full_queue_says_when_to_come_back_in_milliseconds_too(
     make_proxy: ProxyFactory, replicas: MakeReplicas
 ) -> None:

@@ -64,11 +64,16 @@ def test_a_named_conversation_keeps_its_key_whatever_the_messages_and_is_per_api
     )
 
 
-def test_a_detected_session_goes_by_its_messages_not_its_random_id() -> None:
-    # two proxies without a shared store give one conversation different ids
-    one = exchange({"messages": turns("q", 2)}, session_id="sess_a", session_source="continued")
-    two = exchange({"messages": turns("q", 2)}, session_id="sess_b", session_source="continued")
-    assert affinity_point(one) == affinity_point(two)
+def test_a_detected_session_goes_by_its_id_even_when_its_history_is_trimmed() -> None:
+    full = exchange({"messages": turns("q", 4)}, session_id="sess_a", session_source="continued")
+    trimmed = exchange(
+        {"messages": [SYSTEM, {"role": "user", "content": "question 3"}]},
+        session_id="sess_a",
+        session_source="continued",
+    )
+    assert affinity_point(full) == affinity_point(trimmed)
+    other = exchange({"messages": turns("q", 4)}, session_id="sess_b", session_source="continued")
+    assert affinity_point(other) != affinity_point(full)
 
 
 def test_completions_go_by_their_prompt_and_no_body_has_no_key() -> None:
