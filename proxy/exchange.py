@@ -84,6 +84,21 @@ class EventTransform(Protocol):
     def on_end(self) -> list[Event]: ...
 
 
+class StreamOpener(Protocol):
+    """Opens the client's event stream in the relay's place, for a middleware that may
+    write to the client before the backend answers (voice: a filler while the first
+    token is late)."""
+
+    async def open(self, status: int, headers: dict[str, str]) -> web.StreamResponse:
+        """The client's event stream: the one already open, or one opened now."""
+        ...
+
+    def claim_body(self) -> bool:
+        """The answer is a body, not a stream: True when nothing has gone to the client
+        (and now nothing will); False when the stream is open already."""
+        ...
+
+
 BodyTransform = Callable[[dict[str, Any]], dict[str, Any]]
 CompletionCallback = Callable[["Exchange"], Awaitable[None] | None]
 
@@ -111,6 +126,8 @@ class Exchange:
     # fixed set the upstream handler drops (auth adds a custom key header here)
     upstream_drop_headers: set[str] = field(default_factory=set)
     event_transforms: list[EventTransform] = field(default_factory=list)
+    # opens the client's stream when a middleware may have opened it already
+    stream_opener: StreamOpener | None = None
     body_transforms: list[BodyTransform] = field(default_factory=list)
     on_complete: list[CompletionCallback] = field(default_factory=list)
     # maps a name the client may send to the model sent upstream (model_override sets
@@ -145,6 +162,10 @@ class Exchange:
     log: dict[str, Any] = field(default_factory=dict)
     # the client's address when a trusted load balancer forwarded it
     remote: str | None = None
+    # tracing (proxy/tracing.py): the request's span when tracing, and the
+    # traceparent the backend gets (the attempt's span; else the client's or new)
+    span: Any = None
+    traceparent: str | None = None
 
     @property
     def model(self) -> str | None:

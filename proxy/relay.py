@@ -60,6 +60,13 @@ async def relay(
     if ctype.startswith("text/event-stream"):
         ex.stream = True
         return await _relay_stream(ex, up, resp, first, keepalive, decoder)
+    if ex.stream_opener is not None and not ex.stream_opener.claim_body():
+        # the client has an event stream already (a filler): a body cannot follow it
+        raise ProxyError(
+            502,
+            "The backend answered a streamed request with a body, not an event stream.",
+            code="upstream_bad_response",
+        )
     if not (ex.needs_parse and ctype.startswith("application/json")):
         return await _pass_body(ex, up, resp, first, ctype)
     idle = up.cfg.timeouts.idle
@@ -185,8 +192,11 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     headers = dict(ex.response_headers)
     headers.update(SSE_HEADERS)
-    out = web.StreamResponse(status=resp.status, headers=headers)
-    await out.prepare(ex.request)
+    if ex.stream_opener is not None:
+        out = await ex.stream_opener.open(resp.status, headers)
+    else:
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        await out.prepare(ex.request)
     STREAMS.inc()
     try:
         return await _pump(ex, up, resp, first, keepalive_seconds, out, decoder)
