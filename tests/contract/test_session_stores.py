@@ -1,10 +1,12 @@
 """One suite for every session store: memory, SQLite (a temporary file) and Redis
 (127.0.0.1:6379, a fresh key prefix per test, removed afterwards): the contract the
-session middleware and the Sessions API rely on."""
+session middleware, the Sessions API and the Responses API's stored responses rely on."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,7 +16,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.config import StoreConfig
-from proxy.sessions.store import MemoryStore, SessionStore, TurnRecord, UnknownCursor, open_store
+from proxy.sessions.store import (
+    MemoryStore,
+    SessionStore,
+    StoredResponse,
+    TurnRecord,
+    UnknownCursor,
+    open_store,
+)
+from proxy.sessions.store.sqlite import SQLiteStore
 
 Opener = Callable[[], Awaitable[SessionStore]]
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -280,3 +290,305 @@ async def test_another_instance_sees_the_sessions(
     session = await second.get_session("key-a", "sess_1")
     assert session is not None and session.turn_count == 1
     assert await second.ping() is True
+
+
+# -- stored responses --
+
+
+def stored(
+    rid: str = "resp_1",
+    owner: str = "key-a",
+    created: float = 1_700_000_000.0,
+    session_id: str | None = "sess_1",
+    *,
+    text: str = "hello",
+) -> StoredResponse:
+    response = {
+        "id": rid,
+        "object": "response",
+        "created_at": int(created),
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": f"re: {text}", "annotations": []}],
+            }
+        ],
+    }
+    messages = [
+        {"role": "user", "content": text},
+        {"role": "assistant", "content": f"re: {text}"},
+    ]
+    return StoredResponse(
+        id=rid,
+        owner=owner,
+        created=created,
+        session_id=session_id,
+        response=json.dumps(response, ensure_ascii=False),
+        messages=json.dumps(messages, ensure_ascii=False),
+    )
+
+
+async def test_a_response_reads_back_character_for_character(store: SessionStore) -> None:
+    # spacing, key order, escapes and raw non-ASCII exactly as the caller wrote them
+    response = (
+        '{"id": "resp_ü1",  "output":[{"type":"message","content":[{"type":"output_text",'
+        '"text":"naïve ✓ 日本語 🦜 \\u2028 \\ud83e\\udd9c \\"q\\" \\\\ tab\\t"}]}],'
+        '"z":1, "a":1.50, "metadata":{}}'
+    )
+    messages = (
+        '[{"role":"user","content":"héllo 🦜\\n"} ,\n {"role":"assistant","content":"ça va"}]'
+    )
+    record = StoredResponse(
+        id="resp_ü1",
+        owner="key-ü",
+        created=1_700_000_000.123456,
+        session_id="sess_✓",
+        response=response,
+        messages=messages,
+    )
+    await store.put_response(record)
+    got = await store.get_response("key-ü", "resp_ü1")
+    assert got == record
+    assert got is not None and got.response == response and got.messages == messages
+    assert json.loads(got.response)["output"][0]["content"][0]["text"].endswith("tab\t")
+
+    alone = StoredResponse("resp_2", "key-a", 1.5, None, '{"id":"resp_2"}', "[]")
+    await store.put_response(alone)
+    assert await store.get_response("key-a", "resp_2") == alone
+
+
+async def test_another_owners_response_is_not_found(store: SessionStore) -> None:
+    await store.put_response(stored(owner="key-a", text="a's"))
+    assert await store.get_response("key-b", "resp_1") is None
+    assert await store.delete_response("key-b", "resp_1") is False
+    assert await store.get_response("key-a", "resp_1") == stored(owner="key-a", text="a's")
+    # the same id under two owners is two responses
+    await store.put_response(stored(owner="key-b", text="b's"))
+    assert await store.get_response("key-a", "resp_1") == stored(owner="key-a", text="a's")
+    assert await store.get_response("key-b", "resp_1") == stored(owner="key-b", text="b's")
+    assert await store.delete_response("key-b", "resp_1") is True
+    assert await store.get_response("key-a", "resp_1") is not None
+
+
+async def test_delete_a_response_once(store: SessionStore) -> None:
+    await store.record_turns([turn_record()])
+    await store.put_response(stored())
+    await store.put_response(stored("resp_2"))
+    assert await store.get_response("key-a", "resp_nope") is None
+    assert await store.delete_response("key-a", "resp_nope") is False
+    assert await store.delete_response("key-a", "resp_1") is True
+    assert await store.delete_response("key-a", "resp_1") is False
+    assert await store.get_response("key-a", "resp_1") is None
+    # the response alone: its session and the session's other responses stay
+    assert await store.get_session("key-a", "sess_1") is not None
+    assert await store.get_response("key-a", "resp_2") == stored("resp_2")
+
+
+async def test_a_response_put_again_is_replaced(store: SessionStore) -> None:
+    await store.put_response(stored(text="first"))
+    again = stored(created=1_700_000_100.0, session_id="sess_2", text="second")
+    await store.put_response(again)
+    assert await store.get_response("key-a", "resp_1") == again
+    # it left its first session: deleting that one keeps it
+    await store.delete_session("key-a", "sess_1")
+    assert await store.get_response("key-a", "resp_1") == again
+    await store.delete_session("key-a", "sess_2")
+    assert await store.get_response("key-a", "resp_1") is None
+    # and without a session: no session deletion reaches it
+    await store.put_response(stored(session_id="sess_3"))
+    await store.put_response(stored(session_id=None))
+    await store.delete_session("key-a", "sess_3")
+    assert await store.get_response("key-a", "resp_1") == stored(session_id=None)
+
+
+async def test_deleting_a_session_deletes_its_responses(store: SessionStore) -> None:
+    await store.record_turns(
+        [
+            turn_record(sid="sess_1"),
+            turn_record(sid="sess_2"),
+            turn_record(owner="key-b", sid="sess_1"),
+        ]
+    )
+    await store.put_response(stored("resp_1", session_id="sess_1"))
+    await store.put_response(stored("resp_2", session_id="sess_1"))
+    await store.put_response(stored("resp_3", session_id="sess_2"))
+    await store.put_response(stored("resp_4", session_id=None))
+    await store.put_response(stored("resp_5", owner="key-b", session_id="sess_1"))
+    assert await store.delete_session("key-a", "sess_1") is True
+    assert await store.get_response("key-a", "resp_1") is None
+    assert await store.get_response("key-a", "resp_2") is None
+    assert await store.get_response("key-a", "resp_3") == stored("resp_3", session_id="sess_2")
+    assert await store.get_response("key-a", "resp_4") == stored("resp_4", session_id=None)
+    assert await store.get_response("key-b", "resp_5") is not None  # another owner's session
+    # responses of a session the store has no row for (its turn not written yet) go too,
+    # and the answer is still that there was no such session
+    await store.put_response(stored("resp_6", session_id="sess_unwritten"))
+    assert await store.delete_session("key-a", "sess_unwritten") is False
+    assert await store.get_response("key-a", "resp_6") is None
+
+
+async def test_purge_removes_old_responses_and_keeps_new_ones(store: SessionStore) -> None:
+    await store.record_turns(
+        [turn_record(sid="old", at=1000.0), turn_record(sid="kept", at=3000.0)]
+    )
+    await store.put_response(stored("resp_old", created=1000.0, session_id="kept"))
+    await store.put_response(stored("resp_old_b", owner="key-b", created=1999.5, session_id=None))
+    await store.put_response(stored("resp_edge", created=2000.0, session_id="kept"))
+    await store.put_response(stored("resp_new", created=3000.0, session_id="kept"))
+    await store.put_response(stored("resp_alone", created=2500.0, session_id=None))
+    # a purged session takes its responses with it, however recent
+    await store.put_response(stored("resp_in_old", created=2500.0, session_id="old"))
+    assert await store.purge(2000.0) == 1  # sessions
+    assert await store.get_response("key-a", "resp_old") is None
+    assert await store.get_response("key-b", "resp_old_b") is None
+    assert await store.get_response("key-a", "resp_in_old") is None
+    for rid in ("resp_edge", "resp_new", "resp_alone"):
+        got = await store.get_response("key-a", rid)
+        assert got is not None and got.id == rid
+    assert await store.purge(2000.0) == 0
+    assert await store.get_response("key-a", "resp_edge") is not None
+    # the purged ones are gone from every index: deleting their session is harmless
+    assert await store.delete_session("key-a", "kept") is True
+    assert await store.get_response("key-a", "resp_new") is None
+    assert await store.get_response("key-a", "resp_alone") is not None
+
+
+async def test_concurrent_puts_from_two_instances(opener: Opener) -> None:
+    """Two instances (processes, replicas) store responses at the same time, some under
+    the same ids: every one is whole, and the indexes agree with the records."""
+    one, two = await opener(), await opener()
+
+    async def write(store: SessionStore, who: str) -> None:
+        for i in range(30):
+            await store.put_response(
+                stored(f"resp_{who}{i}", session_id="s-mine", text=f"{who}{i}")
+            )
+            # both write these ids, each in its own session
+            big = "ü" * 20_000 + who
+            await store.put_response(
+                stored(f"resp_shared{i}", created=float(i), session_id=f"s-{who}", text=big)
+            )
+
+    await asyncio.gather(write(one, "x"), write(two, "y"))
+    for i in range(30):
+        for who in "xy":
+            assert await two.get_response("key-a", f"resp_{who}{i}") == stored(
+                f"resp_{who}{i}", session_id="s-mine", text=f"{who}{i}"
+            )
+        got = await one.get_response("key-a", f"resp_shared{i}")
+        assert got is not None and got.session_id in ("s-x", "s-y")
+        winner = got.session_id[-1]
+        assert got == stored(
+            f"resp_shared{i}",
+            created=float(i),
+            session_id=f"s-{winner}",
+            text="ü" * 20_000 + winner,
+        )
+    # each shared response sits in the session of the record that won, and only there
+    holders = {i: (await one.get_response("key-a", f"resp_shared{i}")) for i in range(30)}
+    await two.delete_session("key-a", "s-x")
+    for i, held in holders.items():
+        after = await one.get_response("key-a", f"resp_shared{i}")
+        assert held is not None
+        assert (after is None) == (held.session_id == "s-x")
+    await one.delete_session("key-a", "s-mine")
+    for i in range(30):
+        assert await two.get_response("key-a", f"resp_x{i}") is None
+
+
+async def test_another_instance_sees_the_responses(opener: Opener) -> None:
+    first = await opener()
+    if isinstance(first, MemoryStore):
+        pytest.skip("a memory store is private to its process")
+    await first.put_response(stored())
+    await first.close()
+    second = await opener()
+    assert await second.get_response("key-a", "resp_1") == stored()
+
+
+# the schema of the SQLite store before stored responses (git show of the store's
+# _SCHEMA at that point), to make a file as that version left it
+OLD_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    owner TEXT NOT NULL,
+    id TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    source TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT,
+    turn_count INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated, id);
+CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions (updated);
+CREATE TABLE IF NOT EXISTS turns (
+    owner TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (owner, session_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    owner TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (owner, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_by_session ON history (owner, session_id);
+"""
+
+
+def _tables(path: Path) -> set[str]:
+    con = sqlite3.connect(path)
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+
+
+async def test_a_sqlite_file_of_the_old_schema_opens_and_gains_responses(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("BEGIN IMMEDIATE")
+    for statement in OLD_SQLITE_SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    con.execute(
+        "INSERT INTO sessions VALUES ('key-a', 'sess_1', 1000.0, 1000.0, 'new', 'key-a', "
+        "'m1', 1, 3, 2, 5)"
+    )
+    con.execute(
+        "INSERT INTO turns VALUES ('key-a', 'sess_1', 1, ?)",
+        (json.dumps({"messages": [{"role": "user", "content": "old ✓"}]}, ensure_ascii=False),),
+    )
+    con.execute("INSERT INTO history VALUES ('key-a', 'd-old', 'sess_1')")
+    con.execute("COMMIT")
+    con.close()
+    assert "responses" not in _tables(path)
+
+    store = await SQLiteStore.open(str(path))
+    try:
+        assert "responses" in _tables(path)
+        assert await store.find_session("key-a", "d-old") == "sess_1"
+        session = await store.get_session("key-a", "sess_1")
+        assert session is not None and session.turn_count == 1
+        assert session.turns == [{"messages": [{"role": "user", "content": "old ✓"}]}]
+        await store.put_response(stored())
+        assert await store.get_response("key-a", "resp_1") == stored()
+    finally:
+        await store.close()
+    # and opens again, keeping what it holds
+    again = await SQLiteStore.open(str(path))
+    try:
+        assert await again.get_response("key-a", "resp_1") == stored()
+        assert await again.delete_session("key-a", "sess_1") is True
+        assert await again.get_response("key-a", "resp_1") is None
+    finally:
+        await again.close()

@@ -1,4 +1,4 @@
-"""Where sessions live: one protocol, three implementations (memory, SQLite, Redis)."""
+"""Where sessions and stored responses live: one protocol, three implementations (memory, SQLite, Redis)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from proxy.config import ConfigError, StoreConfig
-from proxy.sessions.store.base import Page, Session, SessionStore, TurnRecord, UnknownCursor
+from proxy.sessions.store.base import (
+    Page,
+    Session,
+    SessionStore,
+    StoredResponse,
+    TurnRecord,
+    UnknownCursor,
+)
 from proxy.sessions.store.memory import MemoryStore
 
 __all__ = [
@@ -15,6 +22,7 @@ __all__ = [
     "Page",
     "Session",
     "SessionStore",
+    "StoredResponse",
     "TurnRecord",
     "UnknownCursor",
     "open_store",

@@ -4,6 +4,10 @@ A session belongs to an owner (the API key id, or `ip:ADDR` without auth): every
 method takes the owner, and the same session id under two owners is two sessions.
 Writes come from one background writer per process, in batches; reads come from the
 request path (`find_session`, one round trip) and from the Sessions API.
+
+Stored responses (the Responses API's `store`, `previous_response_id` and
+GET/DELETE /v1/responses/{id}) live in the same store, per owner too, and go with the
+session they belong to: deleting or purging a session deletes its responses.
 """
 
 from __future__ import annotations
@@ -104,6 +108,25 @@ def json_text(value: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response kept for GET /v1/responses/{id} and `previous_response_id`.
+
+    The store keeps both texts as given and returns them character for character; the
+    caller bounds their size."""
+
+    id: str  # resp_...
+    owner: str
+    created: float  # Unix time
+    # the session it belongs to (a conversation continued by previous_response_id is
+    # the same session); None: none
+    session_id: str | None
+    # the Response object, JSON text, as GET returns it
+    response: str
+    # JSON text: the chat messages a later previous_response_id continues from
+    messages: str
+
+
 @dataclass(slots=True)
 class Page:
     data: list[Session] = field(default_factory=list)
@@ -131,11 +154,29 @@ class SessionStore(Protocol):
         ...
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
-        """Remove a session, its turns and its index entries; False if absent."""
+        """Remove a session, its turns, its index entries and the owner's stored
+        responses of that session (its history is gone, so is what continues it);
+        False if the session was absent (its responses, if any, are removed all the
+        same)."""
         ...
 
     async def purge(self, before: float) -> int:
-        """Remove every session not updated since `before` (Unix time); how many."""
+        """Remove every session not updated since `before` (Unix time), with its
+        responses, and every stored response created before `before`; how many
+        sessions."""
+        ...
+
+    async def put_response(self, record: StoredResponse) -> None:
+        """Keep a response under (owner, id), replacing one the owner has by that id."""
+        ...
+
+    async def get_response(self, owner: str, response_id: str) -> StoredResponse | None:
+        """The owner's response by that id; None if unknown or another owner's."""
+        ...
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        """Remove the owner's response by that id, and nothing else (its session stays);
+        False if the owner has none by that id."""
         ...
 
     async def ping(self) -> bool: ...

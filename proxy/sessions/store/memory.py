@@ -1,5 +1,8 @@
-"""Sessions in process memory: for tests, demos and single-process deployments that
-do not need sessions to survive a restart."""
+"""Sessions and stored responses in process memory: for tests, demos and
+single-process deployments that do not need them to survive a restart.
+
+Nothing here is bounded by count: sessions and responses alike are bounded by the
+retention purge (`purge`), and a single response's size by the caller."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import replace
 
 from proxy import jsonfast
 from proxy.jsonfast import copy_tree
-from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor
+from proxy.sessions.store.base import Page, Session, StoredResponse, TurnRecord, UnknownCursor
 
 Key = tuple[str, str]
 
@@ -22,6 +25,9 @@ class MemoryStore:
         self._sessions: dict[Key, Session] = {}
         self._index: dict[Key, str] = {}  # (owner, digest) -> session id
         self._digests: dict[Key, set[str]] = {}  # (owner, session id) -> its digests
+        self._responses: dict[Key, StoredResponse] = {}  # (owner, response id)
+        # (owner, session id) -> the ids of its stored responses
+        self._session_responses: dict[Key, set[str]] = {}
 
     async def find_session(self, owner: str, digest: str) -> str | None:
         sid = self._index.get((owner, digest))
@@ -81,6 +87,8 @@ class MemoryStore:
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
         key = (owner, session_id)
+        for rid in self._session_responses.pop(key, set()):
+            self._responses.pop((owner, rid), None)
         if self._sessions.pop(key, None) is None:
             return False
         for digest in self._digests.pop(key, set()):
@@ -92,7 +100,36 @@ class MemoryStore:
         old = [key for key, s in self._sessions.items() if s.updated < before]
         for owner, sid in old:
             await self.delete_session(owner, sid)
+        for owner, rid in [k for k, r in self._responses.items() if r.created < before]:
+            self._drop_response(owner, rid)
         return len(old)
+
+    # -- stored responses --
+
+    def _drop_response(self, owner: str, response_id: str) -> bool:
+        record = self._responses.pop((owner, response_id), None)
+        if record is None:
+            return False
+        if record.session_id is not None:
+            ids = self._session_responses.get((owner, record.session_id))
+            if ids is not None:
+                ids.discard(response_id)
+                if not ids:
+                    del self._session_responses[(owner, record.session_id)]
+        return True
+
+    async def put_response(self, record: StoredResponse) -> None:
+        self._drop_response(record.owner, record.id)
+        self._responses[(record.owner, record.id)] = record
+        if record.session_id is not None:
+            key = (record.owner, record.session_id)
+            self._session_responses.setdefault(key, set()).add(record.id)
+
+    async def get_response(self, owner: str, response_id: str) -> StoredResponse | None:
+        return self._responses.get((owner, response_id))
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        return self._drop_response(owner, response_id)
 
     async def ping(self) -> bool:
         return True

@@ -1,4 +1,5 @@
-"""Sessions in Redis, shared by every replica and worker (redis.asyncio).
+"""Sessions and stored responses in Redis, shared by every replica and worker
+(redis.asyncio).
 
 Keys, under the configured prefix P, with O a digest of the owner (so that any owner
 string makes a safe key part):
@@ -9,9 +10,15 @@ string makes a safe key part):
 - `P history:O:D`    string: the session id indexed under digest D (expires with retention)
 - `P sessions:O`     sorted set of the owner's session ids by last update
 - `P sessions`       sorted set of `O:ID` by last update (for the retention purge)
+- `P response:O:RID` hash of a stored response: created, session_id (absent: none),
+                     response, messages
+- `P session-responses:O:ID`  set of the ids of the session's stored responses
+- `P responses`      sorted set of `O:RID` by creation (for the retention purge)
 
-Recording a turn and deleting a session are Lua scripts: each is atomic, so replicas
-writing to one session concurrently never lose a turn or a token. The scripts build
+Like sessions, responses carry no TTL: the retention purge removes them. Recording a
+turn, deleting a session and putting or deleting a response are Lua scripts, one round
+trip each: each is atomic, so replicas writing to one session concurrently never lose
+a turn or a token, and a response and its index entries never disagree. The scripts build
 some key names from the prefix, which suits one Redis server or a replicated pair,
 not Redis Cluster.
 """
@@ -25,7 +32,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor, session_from_row
+from proxy.sessions.store.base import (
+    Page,
+    Session,
+    StoredResponse,
+    TurnRecord,
+    UnknownCursor,
+    session_from_row,
+)
 
 _FIND = """
 local sid = redis.call('GET', KEYS[1])
@@ -84,8 +98,10 @@ end
 return created
 """
 
-# KEYS: session, turns, digests, owner's sessions, all sessions
-# ARGV: 1 id, 2 member of all sessions, 3 history key prefix
+# KEYS: session, turns, digests, owner's sessions, all sessions, the session's
+#       responses, all responses
+# ARGV: 1 id, 2 member of all sessions, 3 history key prefix, 4 response key prefix,
+#       5 the owner's part of a member of all responses ('O:')
 _DELETE = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
@@ -96,6 +112,43 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[2])
+for _, rid in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  redis.call('DEL', ARGV[4] .. rid)
+  redis.call('ZREM', KEYS[7], ARGV[5] .. rid)
+end
+redis.call('DEL', KEYS[6])
+return existed
+"""
+
+# KEYS: response, all responses
+# ARGV: 1 response id, 2 member of all responses, 3 created, 4 session id,
+#       5 '1' if there is a session, 6 response, 7 messages,
+#       8 the owner's session-responses key prefix
+# A response put again under its id leaves the set of the session it was in before.
+_PUT_RESPONSE = """
+local old = redis.call('HGET', KEYS[1], 'session_id')
+if old and (ARGV[5] ~= '1' or old ~= ARGV[4]) then
+  redis.call('SREM', ARGV[8] .. old, ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'created', ARGV[3], 'response', ARGV[6], 'messages', ARGV[7])
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'session_id', ARGV[4])
+  redis.call('SADD', ARGV[8] .. ARGV[4], ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], 'session_id')
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: response, all responses
+# ARGV: 1 response id, 2 member of all responses, 3 the owner's session-responses
+#       key prefix
+_DELETE_RESPONSE = """
+local sid = redis.call('HGET', KEYS[1], 'session_id')
+local existed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+if sid then redis.call('SREM', ARGV[3] .. sid, ARGV[1]) end
 return existed
 """
 
@@ -119,6 +172,8 @@ class RedisStore:
         self._find = self._r.register_script(_FIND)
         self._record = self._r.register_script(_RECORD)
         self._delete = self._r.register_script(_DELETE)
+        self._put_response = self._r.register_script(_PUT_RESPONSE)
+        self._delete_response = self._r.register_script(_DELETE_RESPONSE)
 
     def _keys(self, o: str, sid: str) -> list[str]:
         p = self.prefix
@@ -208,11 +263,12 @@ class RedisStore:
     async def _delete_many(self, pairs: Sequence[tuple[str, str]]) -> int:
         if not pairs:
             return 0
+        p = self.prefix
         async with self._r.pipeline(transaction=False) as pipe:
             for o, sid in pairs:
                 await self._delete(
-                    keys=self._keys(o, sid),
-                    args=[sid, f"{o}:{sid}", f"{self.prefix}history:{o}:"],
+                    keys=[*self._keys(o, sid), f"{p}session-responses:{o}:{sid}", f"{p}responses"],
+                    args=[sid, f"{o}:{sid}", f"{p}history:{o}:", f"{p}response:{o}:", f"{o}:"],
                     client=pipe,
                 )
             results = await pipe.execute()
@@ -231,9 +287,69 @@ class RedisStore:
                 )
             ]
             if not members:
-                return total
+                break
             pairs = [(m.partition(":")[0], m.partition(":")[2]) for m in members]
             total += await self._delete_many(pairs)
+        while True:
+            members = [
+                str(m)
+                for m in await self._r.zrangebyscore(
+                    f"{self.prefix}responses", "-inf", f"({before!r}", start=0, num=500
+                )
+            ]
+            if not members:
+                return total
+            async with self._r.pipeline(transaction=False) as pipe:
+                for m in members:
+                    o, _, rid = m.partition(":")
+                    await self._delete_response(
+                        keys=self._response_keys(o, rid),
+                        args=[rid, m, f"{self.prefix}session-responses:{o}:"],
+                        client=pipe,
+                    )
+                await pipe.execute()
+
+    # -- stored responses --
+
+    def _response_keys(self, o: str, response_id: str) -> list[str]:
+        return [f"{self.prefix}response:{o}:{response_id}", f"{self.prefix}responses"]
+
+    async def put_response(self, record: StoredResponse) -> None:
+        o = _owner_key(record.owner)
+        await self._put_response(
+            keys=self._response_keys(o, record.id),
+            args=[
+                record.id,
+                f"{o}:{record.id}",
+                repr(float(record.created)),
+                record.session_id or "",
+                "1" if record.session_id is not None else "0",
+                record.response,
+                record.messages,
+                f"{self.prefix}session-responses:{o}:",
+            ],
+        )
+
+    async def get_response(self, owner: str, response_id: str) -> StoredResponse | None:
+        row: Any = await self._r.hgetall(f"{self.prefix}response:{_owner_key(owner)}:{response_id}")
+        if not row or "response" not in row:
+            return None
+        return StoredResponse(
+            id=response_id,
+            owner=owner,
+            created=float(row.get("created") or 0),
+            session_id=None if row.get("session_id") is None else str(row["session_id"]),
+            response=str(row["response"]),
+            messages=str(row.get("messages", "")),
+        )
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        o = _owner_key(owner)
+        existed = await self._delete_response(
+            keys=self._response_keys(o, response_id),
+            args=[response_id, f"{o}:{response_id}", f"{self.prefix}session-responses:{o}:"],
+        )
+        return int(existed) > 0
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())

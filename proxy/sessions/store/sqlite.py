@@ -1,10 +1,13 @@
-"""Sessions in a SQLite file (the standard library's sqlite3).
+"""Sessions and stored responses in a SQLite file (the standard library's sqlite3).
 
 The file is in WAL mode: readers never wait for the writer, and a process killed at
 any moment leaves a consistent file (each batch of turns is one transaction, committed
 as soon as the writer takes it). Each connection lives in its own thread: one for
 writes, one for reads, so a slow write never holds up a continuation lookup. Several
 worker processes may share one file; they take turns on its write lock.
+
+The schema is created at open with CREATE ... IF NOT EXISTS, so a file made before a
+table was added (`responses`) gains it the first time it is opened.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.sessions.store.base import Page, Session, TurnRecord, UnknownCursor, json_text
+from proxy.sessions.store.base import (
+    Page,
+    Session,
+    StoredResponse,
+    TurnRecord,
+    UnknownCursor,
+    json_text,
+)
 
 T = TypeVar("T")
 
@@ -52,7 +62,19 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (owner, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_by_session ON history (owner, session_id);
+CREATE TABLE IF NOT EXISTS responses (
+    owner TEXT NOT NULL,
+    id TEXT NOT NULL,
+    created REAL NOT NULL,
+    session_id TEXT,
+    response TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    PRIMARY KEY (owner, id)
+);
+CREATE INDEX IF NOT EXISTS responses_by_session ON responses (owner, session_id);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);
 """
+# (responses is a rowid table: its rows are large, which WITHOUT ROWID suits badly)
 
 _COLUMNS = (
     "id, created, updated, source, key_id, model, turn_count, prompt_tokens, "
@@ -83,6 +105,12 @@ _INSERT_TURN = (
 _INDEX_DIGEST = (
     "INSERT INTO history (owner, digest, session_id) VALUES (?, ?, ?) "
     "ON CONFLICT (owner, digest) DO UPDATE SET session_id = excluded.session_id"
+)
+_PUT_RESPONSE = (
+    "INSERT INTO responses (owner, id, created, session_id, response, messages) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
+    "created = excluded.created, session_id = excluded.session_id, "
+    "response = excluded.response, messages = excluded.messages"
 )
 # json.dumps(value, ensure_ascii=False), without building an encoder per call
 _encode = json.JSONEncoder(ensure_ascii=False).encode
@@ -218,7 +246,66 @@ class SQLiteStore:
 
         return await self._read(run)
 
+    async def get_response(self, owner: str, response_id: str) -> StoredResponse | None:
+        def run() -> StoredResponse | None:
+            assert self._rcon is not None
+            row = self._rcon.execute(
+                "SELECT created, session_id, response, messages FROM responses "
+                "WHERE owner = ? AND id = ?",
+                (owner, response_id),
+            ).fetchone()
+            if row is None:
+                return None
+            return StoredResponse(response_id, owner, float(row[0]), row[1], row[2], row[3])
+
+        return await self._read(run)
+
     # -- writes --
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        """`fn` on the writing connection in one immediate transaction."""
+
+        def run() -> T:
+            con = self._wcon
+            assert con is not None
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(con)
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:  # an I/O error may have rolled it back already
+                    con.execute("ROLLBACK")
+                raise
+            return result
+
+        return run
+
+    async def put_response(self, record: StoredResponse) -> None:
+        args = (
+            record.owner,
+            record.id,
+            record.created,
+            record.session_id,
+            record.response,
+            record.messages,
+        )
+
+        def run() -> None:
+            assert self._wcon is not None
+            # one statement: SQLite makes it atomic on its own
+            self._wcon.execute(_PUT_RESPONSE, args)
+
+        await self._write(run)
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        def run() -> bool:
+            assert self._wcon is not None
+            cur = self._wcon.execute(
+                "DELETE FROM responses WHERE owner = ? AND id = ?", (owner, response_id)
+            )
+            return cur.rowcount > 0
+
+        return await self._write(run)
 
     async def record_turns(self, records: Sequence[TurnRecord]) -> None:
         if not records:
@@ -279,41 +366,28 @@ class SQLiteStore:
     def _delete(self, con: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:
         """Delete the sessions selected by `where` (on sessions s) with their rows."""
         sub = f"SELECT s.owner, s.id FROM sessions s WHERE {where}"
+        con.execute(f"DELETE FROM responses WHERE (owner, session_id) IN ({sub})", args)
         con.execute(f"DELETE FROM turns WHERE (owner, session_id) IN ({sub})", args)
         con.execute(f"DELETE FROM history WHERE (owner, session_id) IN ({sub})", args)
         return con.execute(f"DELETE FROM sessions WHERE (owner, id) IN ({sub})", args).rowcount
 
     async def delete_session(self, owner: str, session_id: str) -> bool:
-        def run() -> bool:
-            con = self._wcon
-            assert con is not None
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                n = self._delete(con, "s.owner = ? AND s.id = ?", (owner, session_id))
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:  # an I/O error may have rolled it back already
-                    con.execute("ROLLBACK")
-                raise
-            return n > 0
+        def run(con: sqlite3.Connection) -> bool:
+            # the session's responses even when the session row is absent
+            con.execute(
+                "DELETE FROM responses WHERE owner = ? AND session_id = ?", (owner, session_id)
+            )
+            return self._delete(con, "s.owner = ? AND s.id = ?", (owner, session_id)) > 0
 
-        return await self._write(run)
+        return await self._write(self._transaction(run))
 
     async def purge(self, before: float) -> int:
-        def run() -> int:
-            con = self._wcon
-            assert con is not None
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                n = self._delete(con, "s.updated < ?", (before,))
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:  # an I/O error may have rolled it back already
-                    con.execute("ROLLBACK")
-                raise
+        def run(con: sqlite3.Connection) -> int:
+            n = self._delete(con, "s.updated < ?", (before,))
+            con.execute("DELETE FROM responses WHERE created < ?", (before,))
             return n
 
-        return await self._write(run)
+        return await self._write(self._transaction(run))
 
     async def ping(self) -> bool:
         def run() -> bool:
