@@ -7,8 +7,9 @@ choice gets `message.tool_calls = [one call]` and `finish_reason: "tool_calls"`;
 its text stays in `content`.
 
 Decisions:
-- Rules are tried in the order of the file and the first rule that matches wins,
-  wherever its match lies in the text; one tool call per choice.
+- Rules are tried in the order of the file and the first rule that matches (with
+  arguments that fit, below) wins, wherever its match lies in the text; one tool
+  call per choice.
 - A rule fires only when the request's `tools` holds a function tool of that name
   and `tool_choice` allows it: absent, "auto" and "required" allow every declared
   tool, "none" none, `{"type":"function","function":{"name":X}}` only X, and
@@ -16,7 +17,16 @@ Decisions:
 - A choice that already carries native tool calls (or a legacy `function_call`) is
   left alone.
 - In arguments, `{match}` in any string value becomes the text that matched, as
-  written in the reply.
+  written in the reply, and `{NAME}` the text of the pattern's named group NAME; a
+  value that is only the placeholder of a group that did not match is left out.
+  `values` maps a filled argument's text (case-insensitive) to the value to send, e.g.
+  "Spanish" to "es".
+- The arguments are made to fit the JSON schema the request declares for the tool
+  (proxy/middleware/tool_schema.py): undeclared properties left out where the schema
+  forbids them, missing ones filled from the named group of that name or the schema's
+  default, values of the declared types. A match whose arguments cannot fit does not
+  fire: the rule's next match is tried (when its arguments depend on the match), then
+  the next rule, and a warning says so once per rule and tool.
 
 In a stream, content deltas pass through untouched as they arrive; each choice's
 text is accumulated and matched once, when its final chunk (the one with a
@@ -28,9 +38,11 @@ stream ends without a final chunk is left as it is.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +54,10 @@ from proxy import sse
 from proxy.chain import BuildContext, register
 from proxy.config import Model
 from proxy.exchange import Exchange, Handler, Middleware
+from proxy.middleware.tool_schema import Unfit, fill_arguments, fit, folded, placeholders
 from proxy.routes import CHAT
+
+log = logging.getLogger("chat_proxy.tool_keywords")
 
 _METRIC = "chat_proxy_tool_calls_rewritten_total"
 
@@ -67,6 +82,7 @@ _REWRITTEN_BY_TOOL: dict[str, Any] = {}  # the counter's child per tool (the rul
 _ALNUM = string.ascii_letters + string.digits
 _NATIVE_FINISH = ("tool_calls", "function_call")
 _CHUNK_FIELDS = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
+_MAX_TRIES = 16  # matches of one rule tried against the schema, for one reply
 
 
 class Rule(Model):
@@ -74,6 +90,7 @@ class Rule(Model):
     keywords: tuple[str, ...] | None = None
     pattern: str | None = None
     arguments: dict[str, Any] = Field(default_factory=dict)
+    values: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("tool")
     @classmethod
@@ -115,10 +132,32 @@ class Rule(Model):
             raise ValueError("must hold only JSON values") from None
         return value
 
+    @field_validator("values")
+    @classmethod
+    def _values(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError("must hold only JSON values") from None
+        for name, table in value.items():
+            if any(not text.strip() for text in table):
+                raise ValueError(f"{name}: a text to map must not be blank")
+        return value
+
     @model_validator(mode="after")
     def _one_matcher(self) -> Rule:
         if (self.keywords is None) == (self.pattern is None):
             raise ValueError("give either keywords or pattern")
+        groups = set(re.compile(self.pattern).groupindex) if self.pattern is not None else set()
+        for name in placeholders(self.arguments):
+            if name != "match" and name not in groups:
+                raise ValueError(
+                    f"arguments: {{{name}}} names no group of the pattern "
+                    "(placeholders: {match} and the pattern's named groups)"
+                )
+        for name in self.values:
+            if name not in self.arguments and name not in groups:
+                raise ValueError(f"values: {name} names no argument and no group of the pattern")
         return self
 
 
@@ -141,46 +180,48 @@ def keyword_regex(keywords: tuple[str, ...]) -> re.Pattern[str]:
 
 @dataclass(frozen=True)
 class CompiledRule:
+    index: int  # its place in the file's rules
     tool: str
     regex: re.Pattern[str]
     arguments: dict[str, Any]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)  # texts folded
+    match_dependent: bool = False  # another match may give other arguments
 
-    def arguments_for(self, matched: str) -> str:
-        def fill(value: Any) -> Any:
-            if isinstance(value, str):
-                return value.replace("{match}", matched)
-            if isinstance(value, dict):
-                return {k: fill(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [fill(v) for v in value]
-            return value
-
-        return json.dumps(fill(self.arguments), ensure_ascii=False)
+    def fill(self, m: re.Match[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The rule's arguments filled from the match `m`, and the named groups that
+        matched, both with `values` applied."""
+        return fill_arguments(self.arguments, m, self.values)
 
 
 def compile_rules(options: ToolKeywordsOptions) -> list[CompiledRule]:
     out = []
-    for rule in options.rules:
+    for index, rule in enumerate(options.rules):
         if rule.keywords is not None:
             regex = keyword_regex(rule.keywords)
         else:
             assert rule.pattern is not None
             regex = re.compile(rule.pattern, re.IGNORECASE)
-        out.append(CompiledRule(rule.tool, regex, dict(rule.arguments)))
+        values = {
+            name: {folded(text): v for text, v in table.items()}
+            for name, table in rule.values.items()
+        }
+        dependent = bool(regex.groupindex) or bool(placeholders(rule.arguments))
+        out.append(CompiledRule(index, rule.tool, regex, dict(rule.arguments), values, dependent))
     return out
 
 
-def _declared_tools(body: dict[str, Any]) -> set[str]:
-    names: set[str] = set()
+def _declared_tools(body: dict[str, Any]) -> dict[str, Any]:
+    """The declared function tools: name -> its `parameters` (None where absent)."""
+    declared: dict[str, Any] = {}
     tools = body.get("tools")
     if not isinstance(tools, list):
-        return names
+        return declared
     for tool in tools:
         if isinstance(tool, dict) and tool.get("type", "function") == "function":
             fn = tool.get("function")
             if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-                names.add(fn["name"])
-    return names
+                declared.setdefault(fn["name"], fn.get("parameters"))
+    return declared
 
 
 def _function_names(items: Any) -> set[str] | None:
@@ -197,8 +238,9 @@ def _function_names(items: Any) -> set[str] | None:
     return names
 
 
-def allowed_tools(body: dict[str, Any]) -> set[str]:
-    """The tools a rewrite may call for this request, from `tools` and `tool_choice`."""
+def allowed_tools(body: dict[str, Any]) -> dict[str, Any]:
+    """The tools a rewrite may call for this request, from `tools` and `tool_choice`:
+    name -> the `parameters` schema it declares (None where it declares none)."""
     declared = _declared_tools(body)
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
@@ -207,39 +249,56 @@ def allowed_tools(body: dict[str, Any]) -> set[str]:
         if choice.get("type") == "allowed_tools":
             spec = choice.get("allowed_tools")
             listed = _function_names(spec.get("tools") if isinstance(spec, dict) else None)
-            return declared & listed if listed is not None else set()
+            return {k: v for k, v in declared.items() if k in listed} if listed else {}
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
-        return declared & {name} if isinstance(name, str) else set()
-    return set()  # "none", or a value this middleware does not understand
+        return {name: declared[name]} if isinstance(name, str) and name in declared else {}
+    return {}  # "none", or a value this middleware does not understand
 
 
 def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
 
 
-def tool_call(rule: CompiledRule, matched: str) -> dict[str, Any]:
+def tool_call(tool: str, arguments: str) -> dict[str, Any]:
     return {
         "id": new_call_id(),
         "type": "function",
-        "function": {"name": rule.tool, "arguments": rule.arguments_for(matched)},
+        "function": {"name": tool, "arguments": arguments},
     }
 
 
 @dataclass
 class Matcher:
-    """The rules this request allows, and the count of rewrites made."""
+    """The rules this request allows, the schemas it declares for their tools, and the
+    count of rewrites made."""
 
     rules: list[CompiledRule]
     ex: Exchange
+    schemas: dict[str, Any] = field(default_factory=dict)  # tool -> declared parameters
+    on_unfit: Callable[[CompiledRule, str], None] | None = None
 
     def find(self, text: str) -> tuple[CompiledRule, str] | None:
+        """The first rule (in file order) with a match whose arguments fit the declared
+        schema, and those arguments as a JSON string."""
         if not text:
             return None
         for rule in self.rules:
-            m = rule.regex.search(text)
-            if m is not None:
-                return rule, m.group(0)
+            failure: str | None = None
+            tries = 0
+            for m in rule.regex.finditer(text):
+                arguments, groups = rule.fill(m)
+                try:
+                    fitted = fit(arguments, groups, self.schemas.get(rule.tool))
+                except Unfit as exc:
+                    failure = failure or str(exc)
+                    tries += 1
+                    if tries >= _MAX_TRIES or not rule.match_dependent:
+                        break
+                    continue
+                return rule, json.dumps(fitted, ensure_ascii=False)
+            if failure is not None and self.on_unfit is not None:
+                self.on_unfit(rule, failure)
         return None
 
     def record(self, tool: str) -> None:
@@ -283,8 +342,8 @@ def rewrite_completion(doc: dict[str, Any], matcher: Matcher) -> dict[str, Any]:
         found = matcher.find(_text(message.get("content")))
         if found is None:
             continue
-        rule, matched = found
-        message["tool_calls"] = [tool_call(rule, matched)]
+        rule, arguments = found
+        message["tool_calls"] = [tool_call(rule.tool, arguments)]
         choice["finish_reason"] = "tool_calls"
         matcher.record(rule.tool)
     return doc
@@ -334,8 +393,8 @@ class StreamRewriter:
             found = self.matcher.find("".join(state.text))
             state.text.clear()
             if found is not None:
-                rule, matched = found
-                calls[index] = (rule, tool_call(rule, matched))
+                rule, arguments = found
+                calls[index] = (rule, tool_call(rule.tool, arguments))
         if not calls:
             return [event]
         head = {k: payload[k] for k in _CHUNK_FIELDS if k in payload}
@@ -364,6 +423,20 @@ class StreamRewriter:
 @register("tool_keywords", ToolKeywordsOptions)
 def tool_keywords(options: ToolKeywordsOptions, ctx: BuildContext) -> Middleware:
     rules = compile_rules(options)
+    warned: set[tuple[int, str]] = set()  # (rule, tool): at most one per rule
+
+    def on_unfit(rule: CompiledRule, reason: str) -> None:
+        if (rule.index, rule.tool) in warned:
+            return
+        warned.add((rule.index, rule.tool))
+        log.warning(
+            "tool_keywords rules[%d] matched but does not fire: its arguments cannot fit the "
+            "schema the request declares for %s (%s); said once for this rule",
+            rule.index,
+            rule.tool,
+            reason,
+            extra={"rule": rule.index, "tool": rule.tool, "reason": reason},
+        )
 
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
         if ex.route is not CHAT or ex.body is None:
@@ -372,7 +445,7 @@ def tool_keywords(options: ToolKeywordsOptions, ctx: BuildContext) -> Middleware
         usable = [r for r in rules if r.tool in allowed]
         if not usable:
             return await call_next(ex)
-        matcher = Matcher(usable, ex)
+        matcher = Matcher(usable, ex, allowed, on_unfit)
         ex.body_transforms.append(lambda doc: rewrite_completion(doc, matcher))
         ex.event_transforms.append(StreamRewriter(matcher))
         return await call_next(ex)
