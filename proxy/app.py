@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import ConnectionPool
 
-from proxy import entry, metrics, trim, upstream
+from proxy import entry, metrics, tracing, trim, upstream
 from proxy.chain import BuildContext, Check, build_chain, compose
 from proxy.config import LoadedConfig
 from proxy.errors import install_http_error_shape
@@ -106,7 +106,7 @@ async def proxied(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok"}, headers={"Server-Timing": "proxy;dur=0"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -134,7 +134,9 @@ async def readyz(request: web.Request) -> web.Response:
     if replicas:
         body["replicas"] = replicas
         body["queue"] = {"waiting": rt.upstreams.admission.waiting}
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(
+        body, status=200 if ready else 503, headers={"Server-Timing": "proxy;dur=0"}
+    )
 
 
 def build_app(config: LoadedConfig) -> web.Application:
@@ -148,6 +150,7 @@ def build_app(config: LoadedConfig) -> web.Application:
         # one Redis pool for the session store and the counters, opened once here
         pool = open_pool(config.store) if _needs_redis(config) else None
         store = await open_store(config.store, pool) if _needs_store(config) else None
+        tracing.configure(config.observability)
         rt = await build_runtime(config, store, redis=pool)
         app[STATE] = State(runtime=rt)
         await start_runtime(rt)
@@ -159,6 +162,8 @@ def build_app(config: LoadedConfig) -> web.Application:
             await store.close()
         if pool is not None:
             await pool.disconnect()
+        # the spans still queued, flushed off the loop (bounded by the export timeout)
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)

@@ -227,6 +227,22 @@ class StoreConfig(Model):
     prefix: str = "chat-proxy:"
 
 
+class ObservabilityConfig(Model):
+    # OTLP over HTTP (a collector's base URL; traces go to {otlp_endpoint}/v1/traces);
+    # unset: no tracing at all
+    otlp_endpoint: str | None = None
+    service_name: str = Field("chat-proxy", min_length=1)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
 class MiddlewareEntry(Model):
     """One entry of the chain after validation: its type and its typed options."""
 
@@ -240,6 +256,7 @@ class Config(Model):
     upstreams: tuple[UpstreamConfig, ...] = Field(min_length=1)
     store: StoreConfig = StoreConfig()
     queue: QueueConfig = QueueConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     middleware: tuple[dict[str, Any], ...] = ()
 
     @field_validator("upstreams")
@@ -275,6 +292,10 @@ class LoadedConfig:
     @property
     def queue(self) -> QueueConfig:
         return self.config.queue
+
+    @property
+    def observability(self) -> ObservabilityConfig:
+        return self.config.observability
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

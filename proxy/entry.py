@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import forms, inbound, jsonfast, metrics, paths
+from proxy import forms, inbound, jsonfast, metrics, paths, tracing
 from proxy.dialects import elevenlabs
 from proxy.errors import ProxyError, bad_request
 from proxy.exchange import Exchange
@@ -137,6 +137,11 @@ async def handle(request: web.Request, state: State) -> web.StreamResponse:
     if rt.trusted:
         ex.remote = forwarded_client(request, rt.trusted)
     rt.in_flight += 1
+    tracer = tracing.TRACING
+    if tracer is not None:
+        ex.span = tracer.server_span(request.headers)
+        # the span's usage and finish reasons: the answer is read as it passes
+        ex.on_complete.append(_traced)
     response: web.StreamResponse | None = None
     try:
         if state.draining:
@@ -154,11 +159,16 @@ async def handle(request: web.Request, state: State) -> web.StreamResponse:
         response = await rt.handler(ex)
         if not ex.status:
             ex.status = response.status
+        if not response.prepared and "Server-Timing" not in response.headers:
+            response.headers["Server-Timing"] = tracing.server_timing(ex)
         return response
     except ProxyError as err:
         ex.status = err.status
         ex.error = err.code or err.type
-        response = err.response(ex.response_headers)
+        headers = ex.response_headers
+        if "Server-Timing" not in headers:
+            headers["Server-Timing"] = tracing.server_timing(ex)
+        response = err.response(headers)
         if ex.raw_body is None and request.method in _BODY_METHODS:
             # the body was never read: it must not be taken for the next request
             response.force_close()
@@ -177,7 +187,13 @@ async def handle(request: web.Request, state: State) -> web.StreamResponse:
     finally:
         rt.in_flight -= 1
         metrics.observe(ex)
+        if ex.span is not None:
+            tracing.finish(ex)
         _access(ex)
+
+
+def _traced(ex: Exchange) -> None:
+    """Nothing to do: registered so that the answer is parsed for the span."""
 
 
 def _access(ex: Exchange) -> None:

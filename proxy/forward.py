@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from proxy import tracing
 from proxy.exchange import Exchange
 from proxy.routing import Replica
 
@@ -34,6 +35,8 @@ NEVER_FORWARDED = frozenset(
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
+        # the proxy's own or the client's checked one (proxy/tracing.py)
+        "traceparent",
     }
 )
 # the proxy reads what it must of an answer: it asks for it unencoded
@@ -84,6 +87,12 @@ def forward_headers(ex: Exchange, up: Replica) -> list[tuple[str, str]]:
     headers.append(("X-Request-Id", upstream_request_id(ex.request_id)))
     _forwarded(ex, headers)
     headers.append(_IDENTITY)
+    traceparent = ex.traceparent
+    if traceparent is None:
+        traceparent = ex.traceparent = (
+            tracing.incoming(request_headers) or tracing.new_traceparent()
+        )
+    headers.append(("traceparent", traceparent))
     if extra:
         headers.extend(extra.items())
     headers.extend(up.auth)

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import jsonfast, metrics
+from proxy import jsonfast, metrics, tracing
 from proxy.attempt import MAX_ERROR_BODY, Failure, backoff, open_answer
 from proxy.backend import BackendResponse as Response
 from proxy.backend import BodyTooLarge, ClientError
@@ -82,13 +82,14 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             attempt += 1
             ex.attempts += 1
             try:
+                sent = time.perf_counter()
                 if up.cfg.hedge.after_ms and ex.route is CHAT and ex.attempts == 1:
                     up, replica, resp, first, decoder = await _hedged(
                         ex, upstreams, live, index - 1, up, replica, point, path, data
                     )
                     index = live.index(up) + 1
                 else:
-                    resp, first, decoder = await open_answer(
+                    resp, first, decoder = await _attempt(
                         up, replica, ex, replica.target(path, query), data
                     )
             except Failure as failure:
@@ -132,6 +133,9 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                 headers["x-upstream-replica"] = replica.label
             if ex.attempts > 1:
                 headers["x-upstream-attempts"] = str(ex.attempts)
+            headers["Server-Timing"] = tracing.server_timing(
+                ex, (time.perf_counter() - sent) * 1000
+            )
             try:
                 return await relay(
                     ex, up, resp, first, upstreams.keepalive, upstreams.max_response_bytes, decoder
@@ -148,6 +152,37 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             code="upstream_unavailable",
         )
     raise last.error
+
+
+async def _attempt(
+    up: Upstream, replica: Replica, ex: Exchange, target: str, data: bytes | None
+) -> tuple[Response, bytes, Decoder | None]:
+    """One attempt, in a span of its own when tracing (whose traceparent the backend
+    gets)."""
+    tracer = tracing.TRACING
+    if tracer is None or ex.span is None:
+        return await open_answer(up, replica, ex, target, data)
+    span = tracer.child(
+        ex.span,
+        "attempt",
+        True,
+        {"chat_proxy.upstream": up.name, "chat_proxy.replica": replica.index},
+    )
+    ex.traceparent = tracer.traceparent(span)
+    try:
+        resp, first, decoder = await open_answer(up, replica, ex, target, data)
+    except Failure as failure:
+        span.set_attribute("error.type", failure.kind)
+        tracer.fail(span, failure.kind)
+        span.end()
+        raise
+    except BaseException:
+        span.set_attribute("error.type", "cancelled")
+        span.end()
+        raise
+    span.set_attribute("http.response.status_code", resp.status)
+    span.end()
+    return resp, first, decoder
 
 
 def _failed(ex: Exchange, up: Upstream, replica: Replica, failure: Failure) -> None:
@@ -196,7 +231,7 @@ async def _hedged(
     up2, replica2 = second
     ex.attempts += 1
     secondary = asyncio.ensure_future(
-        open_answer(up2, replica2, ex, replica2.target(path, query), data)
+        _attempt(up2, replica2, ex, replica2.target(path, query), data)
     )
     pending = {primary, secondary}
     try:
@@ -318,6 +353,12 @@ async def _admit(
     started = time.perf_counter()
     gauge = metrics.QUEUE_WAITING.labels(up.name)
     gauge.inc()
+    tracer = tracing.TRACING
+    span = (
+        tracer.child(ex.span, "admission", False, {"chat_proxy.upstream": up.name})
+        if tracer is not None and ex.span is not None
+        else None
+    )
     try:
         slot = await upstreams.admission.wait(
             waits,
@@ -336,6 +377,9 @@ async def _admit(
         raise
     finally:
         gauge.dec()
+        if span is not None:
+            span.set_attribute("chat_proxy.queue_ms", (time.perf_counter() - started) * 1000)
+            span.end()
     waited = time.perf_counter() - started
     ex.queue_ms = waited * 1000
     ex.response_headers["x-queue-ms"] = str(round(waited * 1000))
