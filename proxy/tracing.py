@@ -31,7 +31,8 @@ _TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9
 
 
 def new_traceparent() -> str:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    digits = os.urandom(24).hex()
+    return f"00-{digits[:32]}-{digits[32:]}-01"
 
 
 def incoming(headers: Any) -> str | None:
@@ -39,6 +40,8 @@ def incoming(headers: Any) -> str | None:
     value = headers.get("traceparent")
     if value is None:
         return None
+    if _TRACEPARENT.match(value):
+        return str(value)
     value = value.strip().lower()
     return value if _TRACEPARENT.match(value) else None
 
@@ -208,12 +211,11 @@ def server_timing(ex: Any, upstream_ms: float | None = None) -> str:
     """`Server-Timing`: the proxy's own time so far (less the wait for admission and
     the backend's time to its first byte), the backend's, the queue's."""
     total = ex.elapsed_ms()
-    queue = ex.queue_ms or 0.0
-    upstream = upstream_ms or 0.0
-    own = max(0.0, total - queue - upstream)
-    parts = [f"proxy;dur={own:.2f}"]
+    queue = ex.queue_ms
+    own = total - (queue or 0.0) - (upstream_ms or 0.0)
+    text = f"proxy;dur={own if own > 0 else 0.0:.2f}"
     if upstream_ms is not None:
-        parts.append(f"upstream;dur={upstream:.2f}")
-    if ex.queue_ms is not None:
-        parts.append(f"queue;dur={queue:.2f}")
-    return ", ".join(parts)
+        text += f", upstream;dur={upstream_ms:.2f}"
+    if queue is not None:
+        text += f", queue;dur={queue:.2f}"
+    return text

@@ -88,6 +88,10 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
                         ex, upstreams, live, index - 1, up, replica, point, path, data
                     )
                     index = live.index(up) + 1
+                elif ex.span is None:
+                    resp, first, decoder = await open_answer(
+                        up, replica, ex, replica.target(path, query), data
+                    )
                 else:
                     resp, first, decoder = await _attempt(
                         up, replica, ex, replica.target(path, query), data
