@@ -5,6 +5,12 @@ The key is read from `X-API-Key` (or the configured `header:`) or from
 their SHA-256 (`key_sha256`), or in plain form (`key: ${ENV}`) which is hashed while
 the file is loaded and not kept; `keys_file:` names a YAML list of more entries.
 
+On the sessions page's paths (/ui, scope `admin`; proxy/ui/), which this middleware
+contributes, a browser may log in with HTTP Basic, the key as the password: a 401
+there asks for it with `WWW-Authenticate: Basic`, so that the browser prompts. Basic
+is accepted there only: a browser sends the credentials it remembers with any request
+to this origin, even one another site's page makes, and the page's paths only read.
+
 A caller is identified by the SHA-256 of what it sent: the digest is looked up in a
 dict. Whatever timing that lookup shows depends on the digest only, and a key that
 shares a prefix with a configured one has a digest that shares nothing with it, so
@@ -13,6 +19,8 @@ no partial match can be measured.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import re
@@ -29,8 +37,9 @@ from proxy.config import ConfigError, Limits, Model, interpolate, validation_err
 from proxy.errors import ProxyError
 from proxy.exchange import BodyTransform, Exchange, Handler, Identity
 from proxy.routes import MODELS
+from proxy.ui import UI_ROUTE
 
-Scope = Literal["chat", "models", "sessions:read", "sessions:write"]
+Scope = Literal["chat", "models", "sessions:read", "sessions:write", "admin"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -212,6 +221,22 @@ def _bearer(value: str | None) -> str | None:
     return token.strip() or None
 
 
+def basic_password(value: str | None) -> str | None:
+    """The key in `Authorization: Basic base64(user:key)`: the password, or the user
+    name when the password is empty (the user name is otherwise not looked at)."""
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        text = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user, _, password = text.partition(":")
+    return password.strip() or user.strip() or None
+
+
 def presented_key(headers: Mapping[str, str], header: str) -> str | None:
     """The key a request carries: the configured header first, then Bearer."""
     if header.lower() != "authorization":
@@ -242,7 +267,20 @@ def _models_filter(ex: Exchange, identity: Identity) -> BodyTransform:
     return transform
 
 
-def _missing_key(header: str) -> ProxyError:
+# what a browser is asked for on the page's paths: it prompts for a user and password
+_BASIC = 'Basic realm="chat-proxy", charset="UTF-8"'
+
+
+def _missing_key(header: str, browser: bool = False) -> ProxyError:
+    if browser:
+        return ProxyError(
+            401,
+            "The sessions page needs an API key with the admin scope: give the key as the "
+            "password when the browser asks (any user name), or send it as Authorization: "
+            f"Bearer YOUR_KEY or in the {header} header.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": _BASIC},
+        )
     return ProxyError(
         401,
         "You didn't provide an API key. You need to provide your API key in an "
@@ -253,13 +291,18 @@ def _missing_key(header: str) -> ProxyError:
     )
 
 
-def _wrong_key(header: str) -> ProxyError:
+def _wrong_key(header: str, browser: bool = False) -> ProxyError:
     return ProxyError(
         401,
         "Incorrect API key provided. Check the key you send in the "
-        f"{header} header or as Authorization: Bearer.",
+        f"{header} header or as Authorization: Bearer"
+        + (" (or as the password of Basic auth)." if browser else "."),
         code="invalid_api_key",
-        headers={"WWW-Authenticate": 'Bearer realm="chat-proxy", error="invalid_token"'},
+        headers={
+            "WWW-Authenticate": _BASIC
+            if browser
+            else 'Bearer realm="chat-proxy", error="invalid_token"'
+        },
     )
 
 
@@ -280,12 +323,16 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Feature:
     custom_header = drop not in ("x-api-key", "authorization")
 
     def authenticate(ex: Exchange) -> Identity:
-        key = presented_key(ex.request.headers, header)
+        headers = ex.request.headers
+        key = presented_key(headers, header)
+        browser = ex.route is UI_ROUTE
+        if key is None and browser:
+            key = basic_password(headers.get("Authorization"))
         if key is None:
-            raise _missing_key(header)
+            raise _missing_key(header, browser)
         identity = by_digest.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
         if identity is None:
-            raise _wrong_key(header)
+            raise _wrong_key(header, browser)
         ex.identity = identity  # a refusal below is logged with the key's id
         if ex.scope is not None and ex.scope not in identity.scopes:
             raise ProxyError(
@@ -320,4 +367,10 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Feature:
             ex.body_transforms.append(_models_filter(ex, identity))
         return await call_next(ex)
 
-    return Feature(auth_middleware, before_body=(authenticate,), before_upstream=(allowed,))
+    # the sessions page comes with the keys: it is for keys with the admin scope
+    return Feature(
+        auth_middleware,
+        routes=(UI_ROUTE,),
+        before_body=(authenticate,),
+        before_upstream=(allowed,),
+    )

@@ -178,9 +178,9 @@ async def test_plain_key_from_environment_is_hashed_and_not_kept(
     ("entry", "expected"),
     [
         (
-            "{id: a, key_sha256: " + SHA + ", scopes: [chat, admin]}",
+            "{id: a, key_sha256: " + SHA + ", scopes: [chat, root]}",
             "middleware[0].auth.keys[0].scopes[1]: must be one of 'chat', 'models', "
-            "'sessions:read' or 'sessions:write'",
+            "'sessions:read', 'sessions:write' or 'admin'",
         ),
         (
             "{id: a, key: " + KEY + ", key_sha256: " + SHA + "}",
@@ -573,10 +573,10 @@ async def test_keys_new_prints_a_key_and_an_entry_that_work(
 
 
 def test_keys_new_refuses_unknown_scopes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["keys", "new", "--id", "x", "--scopes", "chat,admin"]) == 2
+    assert main(["keys", "new", "--id", "x", "--scopes", "chat,root"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "unknown scope admin" in captured.err
+    assert "unknown scope root" in captured.err
     assert main(["keys", "new", "--id", "x", "--scopes", ","]) == 2
     assert "no scope given" in capsys.readouterr().err
 
