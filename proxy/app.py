@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from proxy.chain import BuildContext, Check, build_chain, compose
 from proxy.config import LoadedConfig
 from proxy.errors import install_http_error_shape
 from proxy.exchange import Exchange, Handler
+from proxy.responses.api import stored_route
 from proxy.routes import CHAT, MODELS, Routes
 from proxy.runtime import STATE, Runtime, State
 from proxy.sessions.store.base import SessionStore
@@ -78,7 +80,7 @@ async def build_runtime(
         upstreams=ups,
         chain=chain,
         handler=handler,
-        routes=Routes(chain.routes),
+        routes=Routes((*chain.routes, stored_route(store, ups))),
         ctx=ctx,
         before_body=chain.before_body,
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies),
@@ -155,7 +157,16 @@ def build_app(config: LoadedConfig) -> web.Application:
         app[STATE] = State(runtime=rt)
         await start_runtime(rt)
         trimmer = trim.start(config.server.trim_memory_seconds)
+        # without the session middleware (whose retention purge covers them), stored
+        # responses are purged after 30 days here
+        purger = (
+            asyncio.create_task(_purge_responses(store))
+            if store is not None and not any(e.type == "session" for e in config.chain)
+            else None
+        )
         yield
+        if purger is not None:
+            purger.cancel()
         await trim.stop(trimmer)
         await stop_runtime(app[STATE].runtime)
         if store is not None:
@@ -182,11 +193,22 @@ async def _no_continue(request: web.Request) -> None:
     return None
 
 
+RESPONSES_RETENTION = 30 * 86400.0
+
+
+async def _purge_responses(store: SessionStore) -> None:
+    while True:
+        try:
+            await store.purge(time.time() - RESPONSES_RETENTION)
+        except Exception as exc:
+            log.warning("stored responses purge failed: %s", exc)
+        await asyncio.sleep(3600)
+
+
 def _needs_store(config: LoadedConfig) -> bool:
-    return any(e.type == "session" for e in config.chain)
+    # sessions, and the Responses API's stored responses, which every proxy serves
+    return True
 
 
 def _needs_redis(config: LoadedConfig) -> bool:
-    return config.store.backend == "redis" and any(
-        e.type in ("session", "rate_limit") for e in config.chain
-    )
+    return config.store.backend == "redis"

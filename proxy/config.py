@@ -186,6 +186,9 @@ class UpstreamConfig(Model):
     # per replica; beyond it requests wait in the admission queue (`queue`)
     max_in_flight: int | None = Field(None, gt=0)
     hedge: Hedge = Hedge()
+    # POST /v1/responses: translated to Chat Completions, or relayed to the backend's
+    # own /v1/responses
+    responses: Literal["translate", "native"] = "translate"
 
     @field_validator("url")
     @classmethod

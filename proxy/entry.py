@@ -18,6 +18,7 @@ from proxy.dialects import elevenlabs
 from proxy.errors import ProxyError, bad_request
 from proxy.exchange import Exchange
 from proxy.observability import access_log, clean_request_id, current_request_id, write_access_line
+from proxy.responses import api as responses_api
 from proxy.routes import CHAT, PASSTHROUGH, UNKNOWN
 from proxy.runtime import IPNetwork, Runtime, State
 
@@ -125,6 +126,8 @@ async def _read(ex: Exchange, rt: Runtime) -> None:
         ex.requested_model = model if isinstance(model, str) else None
         if route is CHAT:
             elevenlabs.apply(ex)
+        elif route is PASSTHROUGH and ex.upstream_path == "/responses" and request.method == "POST":
+            await responses_api.apply(ex, rt)
 
 
 async def handle(request: web.Request, state: State) -> web.StreamResponse:
@@ -165,6 +168,8 @@ async def handle(request: web.Request, state: State) -> web.StreamResponse:
     except ProxyError as err:
         ex.status = err.status
         ex.error = err.code or err.type
+        if isinstance(ex.output, responses_api.ResponsesOutput):
+            err.param = responses_api.responses_param(err.param)
         headers = ex.response_headers
         if "Server-Timing" not in headers:
             headers["Server-Timing"] = tracing.server_timing(ex)

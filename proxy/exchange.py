@@ -99,6 +99,29 @@ class StreamOpener(Protocol):
         ...
 
 
+class OutputStage(Protocol):
+    """What the client asked for, made of the chat answer once the chain is done with
+    it: the Responses API's objects and events. It comes after everything else on the
+    way back (the middlewares' transforms, the answer recorded for the session), which
+    all see the chat answer."""
+
+    def body(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """The client's body for a whole chat completion."""
+        ...
+
+    def events(self, events: list[Event]) -> list[Event]:
+        """The client's events for these chat events."""
+        ...
+
+    def end(self) -> list[Event]:
+        """The client's last events, at the stream's end."""
+        ...
+
+    def error(self, err: ProxyError) -> list[Event]:
+        """The client's events for a failure in the middle of the stream."""
+        ...
+
+
 BodyTransform = Callable[[dict[str, Any]], dict[str, Any]]
 CompletionCallback = Callable[["Exchange"], Awaitable[None] | None]
 
@@ -128,6 +151,11 @@ class Exchange:
     event_transforms: list[EventTransform] = field(default_factory=list)
     # opens the client's stream when a middleware may have opened it already
     stream_opener: StreamOpener | None = None
+    # the answer in another API's shape, last on the way back (the Responses API)
+    output: OutputStage | None = None
+    # a session this request continues, named by the proxy (a stored response's):
+    # the session middleware takes it as the request's session
+    continues_session: str | None = None
     body_transforms: list[BodyTransform] = field(default_factory=list)
     on_complete: list[CompletionCallback] = field(default_factory=list)
     # maps a name the client may send to the model sent upstream (model_override sets
@@ -190,7 +218,9 @@ class Exchange:
     @property
     def needs_parse(self) -> bool:
         """Whether any middleware needs the response parsed."""
-        return bool(self.event_transforms or self.body_transforms or self.on_complete)
+        return bool(
+            self.event_transforms or self.body_transforms or self.on_complete or self.output
+        )
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

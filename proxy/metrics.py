@@ -113,7 +113,7 @@ _SESSION_CHILDREN: dict[str, Any] = {}
 
 def observe(ex: Exchange) -> None:
     """Record one finished request."""
-    route = ex.route.name
+    route = "responses" if ex.output is not None else ex.route.name
     # the model label only for requests a backend answered: a client may send any name
     model = ex.model or "" if ex.upstream is not None else ""
     key = (route, ex.status, model)

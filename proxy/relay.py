@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import jsonfast
+from proxy import jsonfast, sse
 from proxy.backend import BackendResponse as Response
 from proxy.backend import BodyTooLarge, ClientError
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
@@ -100,6 +100,16 @@ async def relay(
             body = jsonfast.dumps(doc)
             encoding = None  # re-encoded: sent as it is
             ex.completion = doc
+        parse = False
+    if ex.output is not None:
+        doc = ex.completion if not parse else _json_object(plain)
+        if doc is None:
+            raise ProxyError(
+                502, "The backend's answer is not a JSON object.", code="upstream_bad_response"
+            )
+        ex.completion = doc
+        body = jsonfast.dumps(ex.output.body(doc))
+        encoding = None
         parse = False
     headers = dict(ex.response_headers)
     headers["Content-Type"] = ctype
@@ -289,13 +299,14 @@ async def _pump(
             ex.incomplete = True
             ex.error = "upstream_truncated"
             await out.write(
-                sse_error_event(
+                _error_bytes(
+                    ex,
                     ProxyError(
                         502,
                         "The backend ended the stream before it was complete "
                         "(no finish_reason and no [DONE]).",
                         code="upstream_truncated",
-                    )
+                    ),
                 )
             )
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -306,6 +317,7 @@ async def _pump(
     except TimeoutError:
         ex.error = "upstream_idle_timeout"
         await _stream_error(
+            ex,
             out,
             ProxyError(
                 504, f"The backend sent nothing for {idle:g} seconds.", code="upstream_timeout"
@@ -316,6 +328,7 @@ async def _pump(
     except EventTooLarge:
         ex.error = "upstream_event_too_large"
         await _stream_error(
+            ex,
             out,
             ProxyError(
                 502,
@@ -327,12 +340,13 @@ async def _pump(
         return out
     except CannotDecode as exc:
         ex.error = "upstream_bad_response"
-        await _stream_error(out, undecodable(exc))
+        await _stream_error(ex, out, undecodable(exc))
         resp.close()
         return out
     except (ClientError, OSError) as exc:
         ex.error = f"upstream_{type(exc).__name__}"
         await _stream_error(
+            ex,
             out,
             ProxyError(
                 502, "The backend failed in the middle of the stream.", code="upstream_reset"
@@ -346,6 +360,7 @@ async def _pump(
         log.exception("stream relay failed", extra={"request_id": ex.request_id})
         ex.error = "internal"
         await _stream_error(
+            ex,
             out,
             ProxyError(
                 500, "The proxy failed to relay the rest of the stream.", code="internal_error"
@@ -359,9 +374,16 @@ async def _pump(
     return out
 
 
-async def _stream_error(out: web.StreamResponse, err: ProxyError) -> None:
+def _error_bytes(ex: Exchange, err: ProxyError) -> bytes:
+    """A failure in the middle of a stream, as the client's API says it."""
+    if ex.output is not None:
+        return b"".join(sse.encode(e) for e in ex.output.error(err))
+    return sse_error_event(err)
+
+
+async def _stream_error(ex: Exchange, out: web.StreamResponse, err: ProxyError) -> None:
     try:
-        await out.write(sse_error_event(err))
+        await out.write(_error_bytes(ex, err))
         await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass

@@ -44,6 +44,7 @@ class StreamTransformer:
         self.transforms: list[EventTransform] = [ErrorNormaliser()]
         self.transforms.extend(reversed(ex.event_transforms))
         self.acc = Accumulator() if ex.on_complete else None
+        self.output = ex.output
         self.pending = sse.START
         # reads inside one unfinished line, joined once its end comes (not re-parsed
         # read after read)
@@ -85,11 +86,16 @@ class StreamTransformer:
             events = out
         return events
 
-    def _emit(self, events: list[sse.Event]) -> bytes:
+    def _emit(self, events: list[sse.Event], last: bool = False) -> bytes:
         if self.acc is not None:
             for e in events:
                 if e.data is not None:
                     self.acc.feed(e.json())
+        output = self.output
+        if output is not None:
+            events = output.events(events)
+            if last:
+                events.extend(output.end())
         return b"".join(sse.encode(e) for e in events)
 
     def _usage(self, events: list[sse.Event]) -> None:
@@ -143,4 +149,4 @@ class StreamTransformer:
                 out.extend(t.on_event(e))
             out.extend(t.on_end())
             events = out
-        return self._emit(events)
+        return self._emit(events, last=True)

@@ -320,7 +320,8 @@ def voice(options: VoiceOptions, ctx: BuildContext) -> Middleware:
     text = options.filler
 
     async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
-        if ex.route is not CHAT or not ex.wants_stream:
+        if ex.route is not CHAT or not ex.wants_stream or ex.output is not None:
+            # (a Responses API stream: its events are not chat chunks)
             return await call_next(ex)
         filler = Filler(ex, text, after)
         # first in the list, so last to run: it sees the events as they leave

@@ -162,7 +162,10 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
         conversation_id = ex.conversation_id
         header = ex.request.headers.get(SESSION_HEADER, "").strip()
         found: str | None = None
-        if conversation_id is not None and conversation_id != "":
+        if ex.continues_session is not None:
+            # a stored response's session (the Responses API's previous_response_id)
+            sid, source = ex.continues_session, "continued"
+        elif conversation_id is not None and conversation_id != "":
             sid = client_session_id(conversation_id, "elevenlabs_extra_body.conversation_id")
             source = "elevenlabs"
         elif header:

@@ -19,6 +19,9 @@ Key = tuple[str, str]
 
 _copy = copy_tree
 
+# stored responses one memory store holds at most
+MAX_RESPONSES = 10_000
+
 
 class MemoryStore:
     def __init__(self) -> None:
@@ -121,6 +124,10 @@ class MemoryStore:
     async def put_response(self, record: StoredResponse) -> None:
         self._drop_response(record.owner, record.id)
         self._responses[(record.owner, record.id)] = record
+        # bounded: the oldest go first (the dict keeps the order they came in)
+        while len(self._responses) > MAX_RESPONSES:
+            owner, rid = next(iter(self._responses))
+            self._drop_response(owner, rid)
         if record.session_id is not None:
             key = (record.owner, record.session_id)
             self._session_responses.setdefault(key, set()).add(record.id)
