@@ -215,6 +215,7 @@ def _access(ex: Exchange) -> None:
         "stream": ex.stream,
         "latency_ms": round(ex.elapsed_ms(), 2),
         "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
+        "first_token_ms": round(ex.first_token * 1000, 2) if ex.first_token is not None else None,
         "upstream": ex.upstream,
         "attempts": ex.attempts,
     }

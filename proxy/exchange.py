@@ -173,6 +173,9 @@ class Exchange:
     queue_ms: float | None = None  # time waited for admission (max_in_flight)
     attempts: int = 0
     ttfb: float | None = None
+    # seconds from the request to the first content (or tool call) token sent on:
+    # what a caller hears; for a body, when it came
+    first_token: float | None = None
     completion: dict[str, Any] | None = None
     error: str | None = None
     # the backend's stream ended without `[DONE]` and without a finish_reason on each

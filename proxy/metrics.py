@@ -43,6 +43,13 @@ TTFB = Histogram(
     ["route"],
     buckets=_LATENCY,
 )
+FIRST_TOKEN = Histogram(
+    "chat_proxy_time_to_first_token_seconds",
+    "Time from request to the first content or tool-call token sent to the client "
+    "(what a caller hears; for a whole body, when it came).",
+    ["route"],
+    buckets=_LATENCY,
+)
 TOKENS = Counter(
     "chat_proxy_tokens_total", "Tokens reported by backends, by kind and model.", ["kind", "model"]
 )
@@ -130,6 +137,8 @@ def observe(ex: Exchange) -> None:
     children[1].observe(ex.elapsed_ms() / 1000)
     if ex.ttfb is not None:
         children[2].observe(ex.ttfb)
+    if ex.first_token is not None:
+        FIRST_TOKEN.labels(route).observe(ex.first_token)
     for failure in ex.failures:
         name, _, kind = str(failure).partition(":")
         name, _, replica = name.partition("/")

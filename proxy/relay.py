@@ -19,7 +19,7 @@ from proxy.errors import ProxyError, sse_error_event
 from proxy.exchange import Exchange
 from proxy.metrics import STREAMS
 from proxy.routing import Upstream
-from proxy.transform import MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
+from proxy.transform import CONTENT_TOKEN, MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
 
 log = logging.getLogger("chat_proxy.upstream")
 
@@ -60,6 +60,7 @@ async def relay(
     if ctype.startswith("text/event-stream"):
         ex.stream = True
         return await _relay_stream(ex, up, resp, first, keepalive, decoder)
+    ex.first_token = ex.ttfb
     if ex.stream_opener is not None and not ex.stream_opener.claim_body():
         # the client has an event stream already (a filler): a body cannot follow it
         raise ProxyError(
@@ -252,6 +253,8 @@ async def _pump(
                 transformer = StreamTransformer(ex)
             if transformer is None:
                 await out.write(chunk)
+                if ex.first_token is None and CONTENT_TOKEN.search(chunk):
+                    ex.first_token = time.perf_counter() - ex.started
                 boundary = chunk.endswith(_BOUNDARIES)
                 if b"finish_reason" in chunk:
                     finishes += chunk.count(_FINISH) + chunk.count(_FINISH_SPACED)

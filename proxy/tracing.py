@@ -173,6 +173,8 @@ def finish(ex: Any) -> None:
         attrs["chat_proxy.replica"] = ex.replica
     if ex.queue_ms is not None:
         attrs["chat_proxy.queue_ms"] = round(ex.queue_ms, 3)
+    if ex.first_token is not None:
+        attrs["chat_proxy.time_to_first_token_ms"] = round(ex.first_token * 1000, 3)
     completion = ex.completion
     if isinstance(completion, dict):
         answered = completion.get("model")

@@ -4,6 +4,8 @@ changed, and note how the stream ended."""
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 from proxy import sse
@@ -14,6 +16,12 @@ from proxy.exchange import EventTransform, Exchange
 # the largest event a parsed stream holds while waiting for its end (a backend that
 # never ends a line would otherwise grow the buffer without bound)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+# a chunk that carries the answer's text or a tool call's arguments (not only a role,
+# nor an empty string): where the first token a caller hears is
+CONTENT_TOKEN = re.compile(rb'"(?:content|arguments)":\s*"(?!")')
+_CONTENT_TOKEN_TEXT = re.compile(r'"(?:content|arguments)":\s*"(?!")')
 
 
 class EventTooLarge(Exception):
@@ -45,6 +53,7 @@ class StreamTransformer:
         self.transforms.extend(reversed(ex.event_transforms))
         self.acc = Accumulator() if ex.on_complete else None
         self.output = ex.output
+        self.ex = ex
         self.pending = sse.START
         # reads inside one unfinished line, joined once its end comes (not re-parsed
         # read after read)
@@ -87,6 +96,12 @@ class StreamTransformer:
         return events
 
     def _emit(self, events: list[sse.Event], last: bool = False) -> bytes:
+        ex = self.ex
+        if ex.first_token is None:
+            for e in events:
+                if e.data is not None and _CONTENT_TOKEN_TEXT.search(e.data):
+                    ex.first_token = time.perf_counter() - ex.started
+                    break
         if self.acc is not None:
             for e in events:
                 if e.data is not None:

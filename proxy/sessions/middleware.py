@@ -231,6 +231,14 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
                 "model": model,
                 "usage": usage,
                 "latency_ms": round(ex.elapsed_ms()),
+                # where the time went: waiting for admission, the backend's first
+                # byte, its first content token (what a caller hears), the whole turn
+                "timing": {
+                    "queue_ms": _ms(ex.queue_ms / 1000 if ex.queue_ms is not None else None),
+                    "ttfb_ms": _ms(ex.ttfb),
+                    "first_token_ms": _ms(ex.first_token),
+                    "total_ms": _ms(ex.elapsed_ms() / 1000),
+                },
             }
             if ex.incomplete:
                 # the stream ended early: the reply is what the client got of it
@@ -271,3 +279,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
         return await call_next(ex)
 
     return Feature(middleware, routes=(api,), startup=(start,), shutdown=(stop,))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
