@@ -113,7 +113,7 @@ QUEUE_REFUSED = Counter(
 )
 
 
-_CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+_CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any, Any]] = {}
 _TOKEN_CHILDREN: dict[str, tuple[Any, Any]] = {}
 _SESSION_CHILDREN: dict[str, Any] = {}
 
@@ -130,6 +130,7 @@ def observe(ex: Exchange) -> None:
             REQUESTS.labels(route, str(ex.status), model),
             LATENCY.labels(route),
             TTFB.labels(route),
+            FIRST_TOKEN.labels(route),
         )
         if len(_CHILDREN) < 10000:
             _CHILDREN[key] = children
@@ -138,7 +139,7 @@ def observe(ex: Exchange) -> None:
     if ex.ttfb is not None:
         children[2].observe(ex.ttfb)
     if ex.first_token is not None:
-        FIRST_TOKEN.labels(route).observe(ex.first_token)
+        children[3].observe(ex.first_token)
     for failure in ex.failures:
         name, _, kind = str(failure).partition(":")
         name, _, replica = name.partition("/")
