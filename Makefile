@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CACHE  ?= $(HOME)/.cache/chat-proxy
 
-.PHONY: install demo test test-quick e2e-deps lint bench clean
+.PHONY: install demo test test-quick e2e-deps lint bench bench-fleet clean
 
 $(BIN)/chat-proxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ lint: install
 
 bench: install
 	bash bench/run $(BENCH_ARGS)
+
+# session affinity on real engines: builds llama.cpp's llama-server once (cached in
+# $(CACHE)), then the same chat trace through the proxy per balance mode
+bench-fleet: install
+	LLAMA_SERVER_BIN="$$(bash scripts/install-llama-cpp-server.sh)" && \
+	  timeout 900 $(BIN)/python bench/fleet/engines.py --server "$$LLAMA_SERVER_BIN" $(BENCH_FLEET_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
