@@ -228,6 +228,8 @@ class StoreConfig(Model):
     path: str = "data/chat-proxy.db"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "chat-proxy:"
+    # memory: the most sessions kept, the least recently updated evicted first
+    max_sessions: int = Field(100_000, gt=0)
 
 
 class ObservabilityConfig(Model):

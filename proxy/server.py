@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from proxy import gcwatch
 from proxy.app import (
     STATE,
     Runtime,
@@ -88,12 +89,15 @@ async def _retire(state: State, rt: Runtime, drain: float) -> None:
 async def _run(
     config: LoadedConfig, host: str, port: int, reuse_port: bool, path: str | None
 ) -> None:
+    files = gcwatch.raise_file_limit()
+    gcwatch.install()
     app = build_app(config)
     # client connections bounded by server.timeouts; handlers cancelled when clients go
     runner = LimitedRunner(app, config.server.timeouts, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
+    gcwatch.freeze()
     workers = int(os.environ.get(WORKERS_ENV, "1") or 1)
     if not _is_loopback(host) and not any(e.type == "auth" for e in config.chain):
         log.warning(
@@ -110,6 +114,9 @@ async def _run(
             "workers": workers,
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "chain": [e.type for e in config.chain],
+            "open_files": files,
+            # two descriptors a stream (the client's, the backend's), less a margin
+            "max_streams": max(0, (files - 64) // 2),
         },
     )
     for line in order_warnings(config.chain):

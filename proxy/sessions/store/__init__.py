@@ -55,4 +55,4 @@ async def open_store(cfg: StoreConfig, pool: ConnectionPool | None = None) -> Se
         except Exception as exc:
             log.warning("the session store does not answer yet: %s", exc)
         return store
-    return MemoryStore()
+    return MemoryStore(cfg.max_sessions)
