@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,8 @@ async def test_sessions_newest_first_turns_and_a_turn_arriving_live(
     assert "What is the capital of France?" in turn
     assert "reply to: What is the capital of France?" in turn
     assert "5 in + 2 out = 7 tokens" in turn  # the turn's usage
-    assert " ms" in turn  # and its latency
+    assert " ms" in turn  # and its latency, broken down
+    assert re.search(r"first byte [0-9.]+ ms · first token [0-9.]+ ms", turn), turn
 
     # a turn answered while the page is open shows without a reload, in the open
     # session, which moves to the top

@@ -247,6 +247,21 @@
     return box;
   }
 
+  // where the turn's time went: the admission queue, the backend's first byte, its
+  // first content token (what a caller hears)
+  function timingOf(timing) {
+    if (!timing || typeof timing !== "object") return null;
+    const parts = [];
+    for (const [key, label] of [
+      ["queue_ms", "queue"],
+      ["ttfb_ms", "first byte"],
+      ["first_token_ms", "first token"],
+    ]) {
+      if (typeof timing[key] === "number") parts.push(`${label} ${timing[key]} ms`);
+    }
+    return parts.length ? el("span", "timing", parts.join(" · ")) : null;
+  }
+
   function turnBox(turn, n) {
     const t = turn && typeof turn === "object" ? turn : {};
     const messages = Array.isArray(t.messages) ? t.messages : [];
@@ -261,6 +276,7 @@
       t.model ? el("span", "model", t.model) : null,
       t.finish_reason ? el("span", "finish", t.finish_reason) : null,
       typeof t.latency_ms === "number" ? el("span", "latency", `${t.latency_ms} ms`) : null,
+      timingOf(t.timing),
       usage
         ? el(
             "span",
