@@ -180,3 +180,47 @@ async def test_a_collector_that_is_down_never_slows_or_fails_a_request(
         )
         assert resp.status == 200
     assert time.monotonic() - started < 3.0
+
+
+def timings(header: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+async def test_server_timing_adds_up_to_what_the_client_waited(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.2 if b"slow" in await request.read() else 0.0)
+        return web.json_response(completion())
+
+    backend.chat(slow)
+    text = f"""
+upstreams:
+  - name: fleet
+    replicas: ["{backend.url}", "{backend.url.replace("127.0.0.1", "localhost")}"]
+    max_in_flight: 1
+    balance: round_robin
+"""
+    client = await make_proxy(text)
+    started = time.monotonic()
+    one = await client.post("/v1/chat/completions", json=chat_body("slow"))
+    waited = (time.monotonic() - started) * 1000
+    t = timings(one.headers["Server-Timing"])
+    assert t["upstream"] >= 195 and t["queue"] < 20
+    assert t["proxy"] + t["upstream"] + t["queue"] <= waited + 5
+    # two held at once fill both replicas: a third waits for admission
+    held = [
+        asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("slow")))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0.05)
+    third = await client.post("/v1/chat/completions", json=chat_body("fast"))
+    t = timings(third.headers["Server-Timing"])
+    assert t["queue"] >= 100
+    assert abs(t["queue"] - float(third.headers["x-queue-ms"])) <= 1
+    for r in await asyncio.gather(*held):
+        assert r.status == 200
