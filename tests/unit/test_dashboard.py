@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+import proxy.gcwatch  # noqa: F401  (its metrics: registered by `serve`, via proxy/server.py)
 from proxy.loader import load_text
 from tests.fixtures import Backend, ProxyFactory, completion, json_handler
 
@@ -247,6 +248,8 @@ def test_dashboard_shows_what_operators_look_at() -> None:
         "chat_proxy_queue_wait_seconds_bucket",
         "chat_proxy_queue_refusals_total",
         "chat_proxy_hedges_total",
+        "chat_proxy_gc_pause_seconds_bucket",
+        "chat_proxy_gc_pause_max_seconds",
     }
     assert wanted <= read, sorted(wanted - read)
     quantiles = {
@@ -354,7 +357,7 @@ async def test_every_query_reads_metrics_the_proxy_exports(
     families = await exposed_metrics(make_proxy, backend)
     series = series_names(families)
     ours = {n for n in families if n.startswith("chat_proxy_")}
-    assert len(ours) >= 19, sorted(ours)
+    assert len(ours) >= 21, sorted(ours)
     # the requests above made their samples
     assert families["chat_proxy_requests"].samples
     assert families["chat_proxy_replica_in_flight"].samples
@@ -386,7 +389,7 @@ async def test_every_query_reads_metrics_the_proxy_exports(
             assert shown <= grouped, f"{where}: the legend names {sorted(shown - grouped)}"
         else:
             assert shown <= labels, f"{where}: no label {sorted(shown - labels)}"
-    assert checked >= 30
+    assert checked >= 33
 
 
 # ---------------------------------------------------------------- compose and friends
