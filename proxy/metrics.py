@@ -28,8 +28,8 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 REQUESTS = Counter(
     "chat_proxy_requests_total",
-    "Requests answered, by route, status and model.",
-    ["route", "status", "model"],
+    "Requests answered, by route, status, model and API key id (empty: no key).",
+    ["route", "status", "model", "key"],
 )
 LATENCY = Histogram(
     "chat_proxy_request_duration_seconds",
@@ -113,7 +113,7 @@ QUEUE_REFUSED = Counter(
 )
 
 
-_CHILDREN: dict[tuple[str, int, str], tuple[Any, Any, Any, Any]] = {}
+_CHILDREN: dict[tuple[str, int, str, str], tuple[Any, Any, Any, Any]] = {}
 _TOKEN_CHILDREN: dict[str, tuple[Any, Any]] = {}
 _SESSION_CHILDREN: dict[str, Any] = {}
 
@@ -123,11 +123,13 @@ def observe(ex: Exchange) -> None:
     route = "responses" if ex.output is not None else ex.route.name
     # the model label only for requests a backend answered: a client may send any name
     model = ex.model or "" if ex.upstream is not None else ""
-    key = (route, ex.status, model)
+    identity = ex.identity
+    key_id = identity.id if identity is not None else ""  # configured ids: bounded
+    key = (route, ex.status, model, key_id)
     children = _CHILDREN.get(key)
     if children is None:
         children = (
-            REQUESTS.labels(route, str(ex.status), model),
+            REQUESTS.labels(route, str(ex.status), model, key_id),
             LATENCY.labels(route),
             TTFB.labels(route),
             FIRST_TOKEN.labels(route),

@@ -203,7 +203,7 @@ async def apply(ex: Exchange, rt: Runtime) -> None:
             )
         call = with_history(call, history)
         session_id = stored.session_id
-    output = ResponsesOutput(call, owner, new_response_id(), time.time())
+    output = ResponsesOutput(call, owner, new_response_id(), int(time.time()))
     ex.body = call.body
     model = call.body.get("model")
     ex.requested_model = model if isinstance(model, str) else None

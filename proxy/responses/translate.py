@@ -993,6 +993,14 @@ def _text(value: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if value is None:
         return {"format": {"type": "text"}}, None
     text = dict(_object("text", value))
+    for key in text:
+        if key not in ("format", "verbosity"):
+            raise ProxyError(
+                400,
+                f"Unknown parameter: 'text.{key}'.",
+                param=f"text.{key}",
+                code="unknown_parameter",
+            )
     verbosity = text.get("verbosity")
     if verbosity is not None and verbosity not in ("low", "medium", "high"):
         raise invalid_value("text.verbosity", "'low', 'medium' or 'high'", verbosity)

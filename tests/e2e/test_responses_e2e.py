@@ -401,11 +401,6 @@ async def test_a_json_schema_text_format_goes_to_llama_as_response_format(
     await api.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="created_at is time.time() with its fraction (answer.skeleton); OpenAI sends "
-    "whole seconds, as completed_at here is, and a client decoding it as an integer fails",
-)
 async def test_created_at_is_whole_seconds(
     llama_proxy: ProxyFactory, llama_backend: LlamaBackend
 ) -> None:
