@@ -600,6 +600,23 @@ def summarize(results: list[TurnResult], wall_s: float, n_replicas: int) -> dict
     }
 
 
+def disturbance(runs: list[dict[str, Any]]) -> float:
+    """The CPU other processes used during the least disturbed of a mode's runs
+    (0 when none ran to the end: nothing to run again)."""
+    used = [r["summary"]["cpu"]["others_cores"] for r in runs if "summary" in r]
+    return min(used) if used else 0.0
+
+
+def least_disturbed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of a mode to report, with the others' summaries beside it."""
+    done = [r for r in runs if "summary" in r]
+    if not done:
+        return runs[-1]
+    best = min(done, key=lambda r: r["summary"]["cpu"]["others_cores"])
+    others = [r["summary"] for r in done if r is not best]
+    return {**best, "runs": len(done), "other_runs": others}
+
+
 def run_mode(
     procs: Procs,
     mode: str,
@@ -759,8 +776,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| balance | TTFT p50 | TTFT p99 | later turns p50 | turns/s | "
         "tokens evaluated / turn | tokens cached / turn | cache hits | "
-        "turn on previous replica | engines busy prefilling | errors | other processes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "turn on previous replica | engines busy prefilling | errors | other processes | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report["modes"]:
         if "summary" not in run:
@@ -777,7 +794,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {'-' if hit is None else f'{hit:.0%}'} "
             f"| {'-' if stay is None else f'{stay:.0%}'} "
             f"| {' / '.join(f'{b:.0%}' for b in s['engine_prefill_busy'])} | {s['errors']} "
-            f"| {s['cpu']['others_cores']:.2f} cores |"
+            f"| {s['cpu']['others_cores']:.2f} cores | {run.get('runs', 1)} |"
         )
     lines.append("")
     ratio = report.get("affinity_vs_round_robin_ttft_p50")
@@ -794,7 +811,10 @@ def markdown(report: dict[str, Any]) -> str:
         "over the wall time. `affinity:F`: affinity with `load_factor: F`. "
         "Other processes: CPU used on the machine by anything but the engines, the proxy "
         "and the client during the step (from /proc), in cores of "
-        f"{report['machine']['nproc']}: work beside the benchmark that slows it down.",
+        f"{report['machine']['nproc']}: work beside the benchmark that slows it down. "
+        "Runs: a mode that other processes disturbed (over "
+        f"{report['disturbed_cores']} cores) is run again while time is left; the table "
+        "shows its least disturbed run, the JSON all of them.",
         "",
     ]
     return "\n".join(lines)
@@ -837,9 +857,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=Shape.seed)
     p.add_argument("--mode-timeout", type=float, default=240, help="seconds per mode at most")
     p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="run a mode again (while time is left) when other processes disturbed it",
+    )
+    p.add_argument(
+        "--disturbed-cores",
+        type=float,
+        default=0.3,
+        help="a mode is disturbed when other processes used more CPU than this meanwhile",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
-        default=780,
+        default=540,
         help="seconds for the whole run: a mode that would start later is skipped",
     )
     p.add_argument("--prefill-repeats", type=int, default=3)
@@ -926,15 +958,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"evaluated in {md['cached_prefill_ms']:.0f} ms"
                     )
                     prefill.append(p)
-            runs: list[dict[str, Any]] = []
-            for mode in modes:
+            attempts: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+
+            def attempt(mode: str) -> None:
                 left = deadline - time.monotonic()
-                if left < 90:
-                    log(f"{mode}: skipped, {left:.0f}s left of --time-limit")
-                    runs.append({"mode": mode, "error": "skipped: --time-limit reached"})
-                    continue
                 try:
-                    runs.append(
+                    attempts[mode].append(
                         run_mode(
                             procs,
                             mode,
@@ -951,7 +980,35 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except RuntimeError as exc:  # an engine or the proxy did not start
                     log(f"{mode}: failed: {exc}")
-                    runs.append({"mode": mode, "error": str(exc)[:2000]})
+                    attempts[mode].append({"mode": mode, "error": str(exc)[:2000]})
+
+            for mode in modes:
+                if deadline - time.monotonic() < 90:
+                    log(f"{mode}: skipped, the --time-limit is near")
+                    attempts[mode].append({"mode": mode, "error": "skipped: --time-limit"})
+                    continue
+                attempt(mode)
+            # a mode that ran beside other work, once more while time is left: its
+            # least disturbed run is the one reported
+            for _ in range(args.retries):
+                disturbed = sorted(
+                    (disturbance(a), mode)
+                    for mode, a in attempts.items()
+                    if disturbance(a) > args.disturbed_cores
+                )
+                if not disturbed:
+                    break
+                for _, mode in reversed(disturbed):
+                    needed = max(
+                        r["summary"]["wall_seconds"] for r in attempts[mode] if "summary" in r
+                    )
+                    if deadline - time.monotonic() < needed + args.quiet_wait + 60:
+                        continue
+                    log(
+                        f"{mode}: again, other processes used {disturbance(attempts[mode]):.2f} cores"
+                    )
+                    attempt(mode)
+            runs = [least_disturbed(attempts[mode]) for mode in modes]
         finally:
             procs.stop_all()
 
@@ -980,6 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill": prefill,
         "modes": runs,
         "affinity_vs_round_robin_ttft_p50": ratio,
+        "disturbed_cores": args.disturbed_cores,
         "seconds": round(time.monotonic() - started, 1),
     }
     out = Path(args.out)
