@@ -224,9 +224,11 @@ class QueueConfig(Model):
 
 
 class StoreConfig(Model):
-    backend: Literal["memory", "sqlite", "redis"] = "memory"
+    backend: Literal["memory", "sqlite", "redis", "postgres"] = "memory"
     path: str = "data/chat-proxy.db"
     url: str = "redis://127.0.0.1:6379/0"
+    # postgres: the database of the sessions, stored responses and rate-limit counters
+    dsn: str = Field("postgresql://127.0.0.1:5432/chat_proxy", pattern=r"^postgres(ql)?://")
     prefix: str = "chat-proxy:"
     # memory: the most sessions kept, the least recently updated evicted first
     max_sessions: int = Field(100_000, gt=0)

@@ -1,6 +1,8 @@
-"""One suite for every session store: memory, SQLite (a temporary file) and Redis
-(127.0.0.1:6379, a fresh key prefix per test, removed afterwards): the contract the
-session middleware, the Sessions API and the Responses API's stored responses rely on."""
+"""One suite for every session store: memory, SQLite (a temporary file), Redis
+(127.0.0.1:6379, a fresh key prefix per test, removed afterwards) and PostgreSQL (a
+fresh database on a server the tests start, tests/postgres/server.py): the contract
+the session middleware, the Sessions API and the Responses API's stored responses
+rely on."""
 
 from __future__ import annotations
 
@@ -25,18 +27,21 @@ from proxy.sessions.store import (
     open_store,
 )
 from proxy.sessions.store.sqlite import SQLiteStore
+from tests.postgres import server as postgres
 
 Opener = Callable[[], Awaitable[SessionStore]]
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens the store under test; a second call opens another instance on the same
     data (another process, replica or restart), except for memory (the same one)."""
     backend: str = request.param
     prefix = f"chat-proxy-test:{uuid.uuid4().hex}:"
     opened: list[SessionStore] = []
+    # postgres: a fresh database on the tests' own server
+    dsn = postgres.shared().new_database() if backend == "postgres" else None
 
     async def open_() -> SessionStore:
         if backend == "memory" and opened:
@@ -44,6 +49,8 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         cfg = StoreConfig(
             backend=backend, path=str(tmp_path / "sessions.db"), url=REDIS_URL, prefix=prefix
         )  # type: ignore[arg-type]
+        if dsn is not None:
+            cfg = cfg.model_copy(update={"dsn": dsn})
         store = await open_store(cfg)
         opened.append(store)
         return store

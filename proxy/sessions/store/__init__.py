@@ -1,4 +1,5 @@
-"""Where sessions and stored responses live: one protocol, three implementations (memory, SQLite, Redis)."""
+"""Where sessions and stored responses live: one protocol, four implementations (memory,
+SQLite, Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -55,4 +56,11 @@ async def open_store(cfg: StoreConfig, pool: ConnectionPool | None = None) -> Se
         except Exception as exc:
             log.warning("the session store does not answer yet: %s", exc)
         return store
+    if cfg.backend == "postgres":
+        from proxy.pgstore import open_database
+        from proxy.sessions.store.postgres import PostgresStore
+
+        # the same rule for a PostgreSQL server; a refusal that will not pass by itself
+        # (a wrong password, no such database, a newer schema) is a ConfigError
+        return PostgresStore(await open_database(cfg.dsn))
     return MemoryStore(cfg.max_sessions)
