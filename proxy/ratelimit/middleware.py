@@ -10,8 +10,8 @@ Tokens are reserved at admission (an estimate of the prompt plus max_tokens, or
 response ends. For a stream the proxy asks the backend for the usage chunk
 (`stream_options.include_usage`) and hides it from a client that did not ask.
 
-Counters live where `store.backend` says: Redis (shared by every worker and
-replica) or this process (memory, sqlite).
+Counters live where `store.backend` says: Redis or PostgreSQL (shared by every
+worker and replica) or this process (memory, sqlite).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -36,6 +36,9 @@ from proxy.ratelimit.local import MemoryLimiter
 from proxy.ratelimit.meter import Meter, attach
 from proxy.ratelimit.options import RateLimitOptions, effective_quota
 from proxy.routes import Route
+
+if TYPE_CHECKING:
+    from proxy.ratelimit.postgres import PostgresLimiter
 
 log = logging.getLogger("chat_proxy.rate_limit")
 
@@ -169,6 +172,15 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
     holder = _Holder()
 
     async def startup() -> None:
+        if store.backend == "postgres":
+            pg = await _postgres_limiter(ctx)
+            holder.limiter = pg
+            if not await pg.ping():
+                log.warning(
+                    "rate-limit store unreachable at start-up; on_store_error: %s applies until it answers",
+                    options.on_store_error,
+                )
+            return
         if store.backend == "redis":
             from redis.asyncio import Redis
 
@@ -297,6 +309,18 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
                 await asyncio.shield(_settle(limiter, holder, key, quota, decision.lease, delta))
 
     return Feature(middleware, startup=(startup,), shutdown=(shutdown,), handoff=handoff)
+
+
+async def _postgres_limiter(ctx: BuildContext) -> PostgresLimiter:
+    """The PostgreSQL limiter, on the database the session store opened (one pool per
+    process), or on one of its own without such a store."""
+    from proxy.pgstore import open_database
+    from proxy.ratelimit.postgres import PostgresLimiter
+    from proxy.sessions.store.postgres import PostgresStore
+
+    if isinstance(ctx.store, PostgresStore):
+        return PostgresLimiter(ctx.store.db)
+    return PostgresLimiter(await open_database(ctx.config.store.dsn), owns_db=True)
 
 
 async def _settle(

@@ -1,5 +1,6 @@
 """The limiter contract: one suite run against the in-process limiter (with a fake
-clock) and the Redis limiter (the real server at 127.0.0.1:6379, real time)."""
+clock), the Redis limiter (the real server at 127.0.0.1:6379, real time) and the
+PostgreSQL limiter (a server the tests start, real time)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from proxy.pgstore import open_database
 from proxy.ratelimit import Limiter, Quota
 from proxy.ratelimit.local import MemoryLimiter
+from proxy.ratelimit.postgres import PostgresLimiter
 from proxy.ratelimit.redis import RedisLimiter, connect
+from tests.postgres import server as postgres
 from tests.ratelimit.fixtures import REDIS_URL, FakeClock, drop_keys, require_redis
 
 
@@ -23,7 +27,7 @@ class Subject:
     kind: str
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     if request.param == "memory":
         clock = FakeClock()
@@ -34,6 +38,12 @@ async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
         mem = MemoryLimiter(clock=clock)
         yield Subject(mem, advance, "memory")
         await mem.close()
+        return
+    if request.param == "postgres":
+        db = await open_database(postgres.shared().new_database())
+        pg = PostgresLimiter(db, owns_db=True)
+        yield Subject(pg, asyncio.sleep, "postgres")
+        await pg.close()
         return
     require_redis()
     prefix = f"test-rl-{uuid.uuid4().hex[:8]}:"
