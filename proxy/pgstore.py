@@ -197,13 +197,16 @@ END
 $$;
 
 -- rate-limit counters: a GCRA theoretical arrival time per key and kind (ms since the
--- epoch, by the server's clock), and the leases of requests in flight. UNLOGGED: no
--- WAL, so a check costs no disk write; after a crash of the server they start empty,
--- as Redis counters do after a restart.
+-- epoch, by the server's clock), the key's count of requests in flight, and the
+-- leases of those requests. UNLOGGED: no WAL, so a check costs no disk write; after a
+-- crash of the server they start empty, as Redis counters do after a restart.
 CREATE UNLOGGED TABLE IF NOT EXISTS chat_proxy.limits (
     key text COLLATE "C" PRIMARY KEY,
     requests_tat double precision NOT NULL DEFAULT 0,
-    tokens_tat double precision NOT NULL DEFAULT 0
+    tokens_tat double precision NOT NULL DEFAULT 0,
+    -- the leases of the key, counted as they are taken and given back; it may count
+    -- leases that expired (a replica gone), which are recounted when they would refuse
+    in_flight bigint NOT NULL DEFAULT 0
 );
 CREATE UNLOGGED TABLE IF NOT EXISTS chat_proxy.leases (
     key text COLLATE "C" NOT NULL,
@@ -214,11 +217,13 @@ CREATE UNLOGGED TABLE IF NOT EXISTS chat_proxy.leases (
 
 -- One check of every limit of a key at once: either all pass and all are counted, or
 -- nothing is. The key's row is locked first, so checks of one key run one at a time
--- and the in-flight count is exact. Returns {allowed, concurrent ok, requests ok,
+-- and the in-flight count is exact; the leases are read only when that count reaches
+-- the limit (to drop the expired ones and count again), so a check touches no more
+-- than its key's row and its own lease. Returns {allowed, concurrent ok, requests ok,
 -- tokens ok, requests remaining, requests reset ms, tokens remaining, tokens reset
 -- ms, retry ms, in flight}: the arithmetic of proxy/ratelimit/algorithm.py in ms.
 CREATE OR REPLACE FUNCTION chat_proxy.acquire(
-    p_key text, p_rpm integer, p_tpm integer, p_maxc integer, p_cost bigint,
+    p_key text, p_rpm bigint, p_tpm bigint, p_maxc bigint, p_cost bigint,
     p_member text, p_lease_ms double precision, p_period_ms double precision
 ) RETURNS double precision[] LANGUAGE plpgsql AS $$
 DECLARE
@@ -226,12 +231,13 @@ DECLARE
     now_ms double precision;
     r_tat double precision;
     t_tat double precision;
+    n_flight bigint;
+    recounted boolean := false;
     iv double precision;
     base double precision;
     nxt double precision;
     retry double precision := 0;
     c_ok integer := 1;
-    in_flight integer := 0;
     r_ok integer := 1;
     r_rem double precision := 0;
     r_reset double precision := 0;
@@ -240,16 +246,17 @@ DECLARE
     t_reset double precision := 0;
 BEGIN
     LOOP
-        SELECT requests_tat, tokens_tat INTO r_tat, t_tat
-        FROM chat_proxy.limits WHERE key = p_key FOR UPDATE;
+        SELECT l.requests_tat, l.tokens_tat, l.in_flight INTO r_tat, t_tat, n_flight
+        FROM chat_proxy.limits l WHERE l.key = p_key FOR UPDATE;
         EXIT WHEN FOUND;
         INSERT INTO chat_proxy.limits (key) VALUES (p_key) ON CONFLICT DO NOTHING;
     END LOOP;
     now_ms := extract(epoch FROM clock_timestamp()) * 1000;
-    IF p_maxc > 0 THEN
+    IF p_maxc > 0 AND n_flight >= p_maxc THEN
         DELETE FROM chat_proxy.leases WHERE key = p_key AND expires <= now_ms;
-        SELECT count(*) INTO in_flight FROM chat_proxy.leases WHERE key = p_key;
-        IF in_flight >= p_maxc THEN
+        SELECT count(*) INTO n_flight FROM chat_proxy.leases WHERE key = p_key;
+        recounted := true;
+        IF n_flight >= p_maxc THEN
             c_ok := 0;
             retry := 1000;
         END IF;
@@ -285,40 +292,65 @@ BEGIN
         END IF;
     END IF;
     IF c_ok = 1 AND r_ok = 1 AND t_ok = 1 THEN
-        IF p_rpm > 0 OR p_tpm > 0 THEN
-            UPDATE chat_proxy.limits SET requests_tat = r_tat, tokens_tat = t_tat
-            WHERE key = p_key;
-        END IF;
         IF p_maxc > 0 THEN
             INSERT INTO chat_proxy.leases (key, member, expires)
             VALUES (p_key, p_member, now_ms + p_lease_ms)
             ON CONFLICT (key, member) DO UPDATE SET expires = excluded.expires;
-            in_flight := in_flight + 1;
+            n_flight := n_flight + 1;
         END IF;
+        IF p_rpm > 0 OR p_tpm > 0 OR p_maxc > 0 THEN
+            UPDATE chat_proxy.limits l
+            SET requests_tat = r_tat, tokens_tat = t_tat, in_flight = n_flight
+            WHERE l.key = p_key;
+        END IF;
+    ELSIF recounted THEN
+        UPDATE chat_proxy.limits l SET in_flight = n_flight WHERE l.key = p_key;
+    END IF;
+    IF p_maxc = 0 THEN
+        n_flight := 0;
     END IF;
     RETURN ARRAY[c_ok * r_ok * t_ok, c_ok, r_ok, t_ok, r_rem, ceil(r_reset), t_rem,
-        ceil(t_reset), ceil(retry), in_flight]::double precision[];
+        ceil(t_reset), ceil(retry), n_flight]::double precision[];
 END
 $$;
 
 -- The end of an admitted request: give back its lease ('' : none) and charge p_delta
 -- more tokens (negative: a refund, which never leaves credit beyond a full bucket).
+-- The key's row is locked before the lease, as acquire locks them: one order of
+-- locks, so a settle and a check that recounts the leases never deadlock.
 CREATE OR REPLACE FUNCTION chat_proxy.settle(
-    p_key text, p_tpm integer, p_delta bigint, p_member text, p_period_ms double precision
+    p_key text, p_tpm bigint, p_delta bigint, p_member text, p_period_ms double precision
 ) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+    charge boolean := p_tpm > 0 AND p_delta <> 0;
+    iv double precision := 0;
+    gone integer := 0;
     now_ms double precision;
 BEGIN
+    IF p_member = '' AND NOT charge THEN
+        RETURN;
+    END IF;
+    LOOP
+        PERFORM 1 FROM chat_proxy.limits l WHERE l.key = p_key FOR UPDATE;
+        EXIT WHEN FOUND;
+        INSERT INTO chat_proxy.limits (key) VALUES (p_key) ON CONFLICT DO NOTHING;
+    END LOOP;
     IF p_member <> '' THEN
         DELETE FROM chat_proxy.leases WHERE key = p_key AND member = p_member;
+        IF FOUND THEN
+            gone := 1;
+        END IF;
     END IF;
-    IF p_tpm > 0 AND p_delta <> 0 THEN
-        now_ms := extract(epoch FROM clock_timestamp()) * 1000;
-        INSERT INTO chat_proxy.limits AS l (key, tokens_tat)
-        VALUES (p_key, greatest(now_ms + p_delta * (p_period_ms / p_tpm), now_ms))
-        ON CONFLICT (key) DO UPDATE SET tokens_tat =
-            greatest(greatest(l.tokens_tat, now_ms) + p_delta * (p_period_ms / p_tpm), now_ms);
+    IF charge THEN
+        iv := p_period_ms / p_tpm;
     END IF;
+    now_ms := extract(epoch FROM clock_timestamp()) * 1000;
+    UPDATE chat_proxy.limits l SET
+        tokens_tat = CASE WHEN charge
+            THEN greatest(greatest(l.tokens_tat, now_ms) + p_delta * iv, now_ms)
+            ELSE l.tokens_tat END,
+        in_flight = greatest(l.in_flight - gone, 0)
+    WHERE l.key = p_key;
 END
 $$;
 """
@@ -371,6 +403,14 @@ async def migrate(con: Any, migrations: Sequence[Migration] = MIGRATIONS) -> int
     return found
 
 
+async def _keep_session(con: Any) -> None:
+    """What a connection's release does beyond rolling back a transaction left open
+    (asyncpg always does that): nothing. The proxy sets no session state (no SET, no
+    LISTEN, no cursor, no session-level advisory lock), so asyncpg's default reset
+    (RESET ALL, UNLISTEN *, CLOSE ALL, pg_advisory_unlock_all()) would only cost a
+    round trip per call."""
+
+
 class Database:
     """The pool and the schema of one process. Nothing connects until `prepare` or a
     first call; a call made before the schema is known to be current migrates first."""
@@ -398,6 +438,7 @@ class Database:
                 # ones are dropped at their first use
                 max_inactive_connection_lifetime=60.0,
                 server_settings={"application_name": "chat-proxy"},
+                reset=_keep_session,
             )
         return self._pool
 

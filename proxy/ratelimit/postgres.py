@@ -2,10 +2,12 @@
 
 A check is one call of the function `chat_proxy.acquire` (proxy/pgstore.py), which
 locks the key's row of counters, checks the request bucket, the token bucket and the
-key's leases together by the server's clock, and counts all or nothing; the end of a
-request is one call of `chat_proxy.settle`. In-flight requests are leases with an
-expiry, renewed while they run, so a replica that dies does not hold its slots
-forever. Rows of keys whose buckets are full again are swept once a minute.
+key's count of requests in flight together by the server's clock, and counts all or
+nothing; the end of a request is one call of `chat_proxy.settle`. Each request in
+flight also holds a lease with an expiry, renewed while it runs: a replica that dies
+leaves leases that expire, and the check that finds the key at its limit drops them
+and counts again, so the slots come back. Leases past their expiry and the rows of
+keys whose buckets are full again are swept once a minute.
 
 Failures (the server down, slow, restarted) raise StoreError fast: every call has a
 one-second budget, and after a failure the limiter does not try again for a second.
@@ -37,23 +39,33 @@ CALL_TIMEOUT = 1.0  # seconds: the most a check may wait for it
 SWEEP_EVERY = 60.0  # seconds between sweeps of idle counters
 
 _ACQUIRE = (
-    "SELECT chat_proxy.acquire($1::text, $2::int4, $3::int4, $4::int4, $5::int8, $6::text, "
+    "SELECT chat_proxy.acquire($1::text, $2::int8, $3::int8, $4::int8, $5::int8, $6::text, "
     "$7::float8, $8::float8)"
 )
-_SETTLE = "SELECT chat_proxy.settle($1::text, $2::int4, $3::int8, $4::text, $5::float8)"
+_SETTLE = "SELECT chat_proxy.settle($1::text, $2::int8, $3::int8, $4::text, $5::float8)"
+_INT8 = 2**63 - 1
+
+
+def _int8(value: int) -> int:
+    """A limit, cost or delta as a bigint takes it (any limit above is as good as none)."""
+    return max(-_INT8, min(value, _INT8))
+
+
 _RENEW = (
     "UPDATE chat_proxy.leases l SET expires = extract(epoch FROM clock_timestamp()) * 1000 + $3 "
     "FROM unnest($1::text[], $2::text[]) AS held(key, member) "
     "WHERE l.key = held.key AND l.member = held.member"
 )
-# counters whose buckets are full again equal fresh ones; leases past their expiry
-# belong to requests whose replica is gone
+# leases past their expiry belong to requests whose replica is gone (the key's count
+# still holds them until a check at the limit counts again); counters whose buckets
+# are full again, with nothing in flight, equal fresh ones (in_flight is checked on
+# the row as it is once locked, so a check that just took a lease keeps its row)
 _SWEEP_LEASES = (
     "DELETE FROM chat_proxy.leases WHERE expires < extract(epoch FROM clock_timestamp()) * 1000"
 )
 _SWEEP_LIMITS = (
-    "DELETE FROM chat_proxy.limits c WHERE greatest(c.requests_tat, c.tokens_tat) "
-    "< extract(epoch FROM clock_timestamp()) * 1000 "
+    "DELETE FROM chat_proxy.limits c WHERE c.in_flight = 0 "
+    "AND greatest(c.requests_tat, c.tokens_tat) < extract(epoch FROM clock_timestamp()) * 1000 "
     "AND NOT EXISTS (SELECT 1 FROM chat_proxy.leases l WHERE l.key = c.key)"
 )
 
@@ -93,9 +105,9 @@ class PostgresLimiter:
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     async def acquire(self, key: str, quota: Quota, cost: int) -> Decision:
-        rpm = quota.requests_per_minute or 0
-        tpm = quota.tokens_per_minute or 0
-        maxc = quota.max_concurrent or 0
+        rpm = _int8(quota.requests_per_minute or 0)
+        tpm = _int8(quota.tokens_per_minute or 0)
+        maxc = _int8(quota.max_concurrent or 0)
         member = uuid.uuid4().hex if maxc else ""
         raw: Any = await self._call(
             self.db.fetchval(
@@ -105,7 +117,7 @@ class PostgresLimiter:
                 rpm,
                 tpm,
                 maxc,
-                cost,
+                _int8(cost),
                 member,
                 self.lease * 1000.0,
                 self.period_ms,
@@ -142,12 +154,12 @@ class PostgresLimiter:
                 members.discard(lease)
                 if not members:
                     del self._held[key]
-        tpm = quota.tokens_per_minute or 0
+        tpm = _int8(quota.tokens_per_minute or 0)
         if lease is None and not (tpm and token_delta):
             return
         await self._call(
             self.db.execute(
-                CALL_TIMEOUT, _SETTLE, key, tpm, token_delta, lease or "", self.period_ms
+                CALL_TIMEOUT, _SETTLE, key, tpm, _int8(token_delta), lease or "", self.period_ms
             )
         )
 

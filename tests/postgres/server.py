@@ -66,7 +66,9 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """`durable`: fsync as in production (the benchmark's); else off (the tests')."""
+        self.durable = durable
         bindir = find_bindir()
         if bindir is None:
             _skip_or_fail(
@@ -120,15 +122,24 @@ class PostgresServer:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's process id, while it runs."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
 
     def start(self) -> None:
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} "
-            "-c fsync=off -c full_page_writes=off "
             "-c max_connections=200 -c shared_buffers=64MB"
         )
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         done = self._run(
             "pg_ctl",
             "-D",
