@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import ConnectionPool
 
 from proxy import entry, metrics, tracing, trim, upstream
 from proxy.chain import BuildContext, Check, build_chain, compose
@@ -24,7 +23,7 @@ from proxy.responses.api import stored_route
 from proxy.routes import CHAT, MODELS, Routes
 from proxy.runtime import STATE, Runtime, State
 from proxy.sessions.store.base import SessionStore
-from proxy.shared_redis import open_pool
+from proxy.shared_redis import SharedRedis, close_pool, open_pool
 
 log = logging.getLogger("chat_proxy")
 
@@ -60,7 +59,7 @@ async def build_runtime(
     config: LoadedConfig,
     store: SessionStore | None = None,
     previous: Runtime | None = None,
-    redis: ConnectionPool | None = None,
+    redis: SharedRedis | None = None,
 ) -> Runtime:
     """Build the chain and the upstreams for a configuration (not yet started);
     `previous` is the runtime it replaces on a reload."""
@@ -172,7 +171,7 @@ def build_app(config: LoadedConfig) -> web.Application:
         if store is not None:
             await store.close()
         if pool is not None:
-            await pool.disconnect()
+            await close_pool(pool)
         # the spans still queued, flushed off the loop (bounded by the export timeout)
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
 

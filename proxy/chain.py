@@ -21,9 +21,8 @@ from proxy.exchange import Exchange, Handler, Middleware
 from proxy.routes import Route
 
 if TYPE_CHECKING:
-    from redis.asyncio import ConnectionPool
-
     from proxy.sessions.store.base import SessionStore
+    from proxy.shared_redis import SharedRedis
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -59,7 +58,7 @@ class BuildContext:
     config: LoadedConfig
     store: SessionStore | None = None
     # the Redis pool the application opened for a Redis store (proxy/shared_redis.py)
-    redis: ConnectionPool | None = None
+    redis: SharedRedis | None = None
     # the hand-offs of the chain this one replaces (a reload), by their type
     previous: tuple[object, ...] = ()
 

@@ -223,6 +223,34 @@ class QueueConfig(Model):
     max_wait_seconds: float = Field(30, gt=0)  # waited longer: 503 with Retry-After
 
 
+class SentinelConfig(Model):
+    """Redis Sentinel: the store's master is the one the sentinels at `hosts` name for
+    `service`, followed through a failover. The user, password, database and scheme
+    (rediss://) of `store.url` still apply to the master; its host and port do not."""
+
+    hosts: tuple[str, ...] = Field(min_length=1)  # "host:port" of each sentinel
+    service: str = Field(min_length=1)  # the name in `sentinel monitor NAME ...`
+    # the sentinels' own credentials (their requirepass / ACL user), if they have any
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            name, sep, port = host.rpartition(":")
+            if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{host!r}: each sentinel must be host:port")
+        return value
+
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for host in self.hosts:
+            name, _, port = host.rpartition(":")
+            out.append((name.removeprefix("[").removesuffix("]"), int(port)))
+        return out
+
+
 class StoreConfig(Model):
     backend: Literal["memory", "sqlite", "redis", "postgres"] = "memory"
     path: str = "data/chat-proxy.db"
@@ -232,6 +260,18 @@ class StoreConfig(Model):
     prefix: str = "chat-proxy:"
     # memory: the most sessions kept, the least recently updated evicted first
     max_sessions: int = Field(100_000, gt=0)
+    # redis: find the master through Redis Sentinel (url's host and port unused)
+    sentinel: SentinelConfig | None = None
+    # redis: url names one node of a Redis Cluster; the client finds the others
+    cluster: bool = False
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> StoreConfig:
+        if self.sentinel is not None and self.cluster:
+            raise ValueError("give `sentinel` or `cluster: true`, not both")
+        if self.cluster and re.search(r"^rediss?://[^/]*/0*[1-9]", self.url):
+            raise ValueError("cluster: true needs database 0 in url (a Redis Cluster has no other)")
+        return self
 
 
 class ObservabilityConfig(Model):

@@ -182,14 +182,10 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
                 )
             return
         if store.backend == "redis":
-            from redis.asyncio import Redis
+            from proxy.ratelimit.redis import open_limiter
 
-            from proxy.ratelimit.redis import RedisLimiter, connect
-
-            # on the application's shared pool where it opened one
-            shared = ctx.redis
-            client = Redis(connection_pool=shared) if shared is not None else connect(store.url)
-            limiter = RedisLimiter(client, store.prefix)
+            # on the application's shared connections where it opened them
+            limiter = open_limiter(store, ctx.redis)
             holder.limiter = limiter
             if not await limiter.ping():
                 log.warning(

@@ -7,9 +7,13 @@ in-flight set of a key together: either every limit passes and all are counted, 
 nothing is. In-flight requests are members of a sorted set scored by a lease expiry,
 renewed while they run, so a replica that dies does not hold its slots forever.
 
-Redis failures (unreachable, slow, restarted) raise StoreError fast: the client has
-short socket timeouts and no retry backoff, and after a failure the limiter does not
-try again for a second, so a dead Redis does not stall requests.
+Redis failures (unreachable, slow, restarted, failing over) raise StoreError fast: a
+check waits a second at most, and after a failure the limiter does not try again for
+a second, so a dead Redis does not stall requests.
+
+The three keys of a client carry a hash tag (`P rl:{KEY}:req`, `:tok`, `:conc`), so
+on a Redis Cluster they share a slot and one script reaches all of them; through
+Sentinel the counters are on the master the sentinels name (proxy/shared_redis.py).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from proxy.config import StoreConfig
 from proxy.ratelimit import StoreError
 from proxy.ratelimit.algorithm import PERIOD, Decision, Quota, Window
+from proxy.shared_redis import MAX_CONNECTIONS, SharedRedis, client_for, close_pool, open_pool
 
 log = logging.getLogger("chat_proxy.rate_limit")
 
@@ -148,6 +154,7 @@ def connect(url: str, timeout: float = 0.5) -> Redis:
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=0,
+        max_connections=MAX_CONNECTIONS,
     )
     return client
 
@@ -156,9 +163,20 @@ class RedisLimiter:
     scope = "shared"
 
     def __init__(
-        self, client: Redis, prefix: str, *, lease: float = 60.0, period: float = PERIOD
+        self,
+        client: Redis | RedisCluster,
+        prefix: str,
+        *,
+        lease: float = 60.0,
+        period: float = PERIOD,
+        closes_client: bool = True,
+        pool: SharedRedis | None = None,
     ) -> None:
-        self.client = client
+        """`closes_client`: close `client` at close (not a cluster's shared client);
+        `pool`: connections of its own, closed at close too."""
+        self.client: Any = client
+        self._closes_client = closes_client
+        self._pool = pool
         self.prefix = prefix
         self.lease = lease
         self.period_ms = round(period * 1000)
@@ -182,7 +200,7 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
                 return await work
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._down_until = time.monotonic() + COOLDOWN
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -269,4 +287,24 @@ class RedisLimiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._renewer
             self._renewer = None
-        await self.client.aclose()
+        if self._closes_client:
+            await self.client.aclose()
+        if self._pool is not None:
+            await close_pool(self._pool)
+            self._pool = None
+
+
+def open_limiter(store: StoreConfig, shared: SharedRedis | None) -> RedisLimiter:
+    """The limiter of `store`: on the application's shared connections where it opened
+    them, else on connections of its own (a client with the limiter's short timeouts
+    for one server; the shared kind for Sentinel or a cluster)."""
+    if shared is not None:
+        return RedisLimiter(
+            client_for(shared), store.prefix, closes_client=not isinstance(shared, RedisCluster)
+        )
+    if store.sentinel is None and not store.cluster:
+        return RedisLimiter(connect(store.url), store.prefix)
+    own = open_pool(store)
+    return RedisLimiter(
+        client_for(own), store.prefix, closes_client=not isinstance(own, RedisCluster), pool=own
+    )

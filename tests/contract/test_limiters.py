@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from proxy.config import StoreConfig
 from proxy.pgstore import open_database
 from proxy.ratelimit import Limiter, Quota
 from proxy.ratelimit.local import MemoryLimiter
 from proxy.ratelimit.postgres import PostgresLimiter
-from proxy.ratelimit.redis import RedisLimiter, connect
+from proxy.ratelimit.redis import RedisLimiter, connect, open_limiter
 from tests.postgres import server as postgres
 from tests.ratelimit.fixtures import REDIS_URL, FakeClock, drop_keys, require_redis
 
@@ -27,7 +28,7 @@ class Subject:
     kind: str
 
 
-@pytest.fixture(params=["memory", "redis", "postgres"])
+@pytest.fixture(params=["memory", "redis", "redis-sentinel", "redis-cluster", "postgres"])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     if request.param == "memory":
         clock = FakeClock()
@@ -45,8 +46,15 @@ async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
         yield Subject(pg, asyncio.sleep, "postgres")
         await pg.close()
         return
-    require_redis()
     prefix = f"test-rl-{uuid.uuid4().hex[:8]}:"
+    if request.param != "redis":
+        # a deployment of its own (tests/redis_ha), on the limiter's own connections
+        deployment = request.getfixturevalue(request.param.replace("-", "_"))
+        ha = open_limiter(StoreConfig(**deployment.store_config(prefix)), None)
+        yield Subject(ha, asyncio.sleep, request.param)
+        await ha.close()
+        return
+    require_redis()
     red = RedisLimiter(connect(REDIS_URL), prefix)
     yield Subject(red, asyncio.sleep, "redis")
     await drop_keys(prefix)

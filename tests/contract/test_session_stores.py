@@ -33,11 +33,13 @@ Opener = Callable[[], Awaitable[SessionStore]]
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-sentinel", "redis-cluster", "postgres"])
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens the store under test; a second call opens another instance on the same
-    data (another process, replica or restart), except for memory (the same one)."""
+    data (another process, replica or restart), except for memory (the same one).
+    redis-sentinel, redis-cluster: deployments of their own (tests/redis_ha)."""
     backend: str = request.param
+    ha = request.getfixturevalue(backend.replace("-", "_")) if backend[:6] == "redis-" else None
     prefix = f"chat-proxy-test:{uuid.uuid4().hex}:"
     opened: list[SessionStore] = []
     # postgres: a fresh database on the tests' own server
@@ -46,9 +48,13 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     async def open_() -> SessionStore:
         if backend == "memory" and opened:
             return opened[0]
-        cfg = StoreConfig(
-            backend=backend, path=str(tmp_path / "sessions.db"), url=REDIS_URL, prefix=prefix
-        )  # type: ignore[arg-type]
+        cfg = (
+            StoreConfig(**ha.store_config(prefix))
+            if ha is not None
+            else StoreConfig(
+                backend=backend, path=str(tmp_path / "sessions.db"), url=REDIS_URL, prefix=prefix
+            )  # type: ignore[arg-type]
+        )
         if dsn is not None:
             cfg = cfg.model_copy(update={"dsn": dsn})
         store = await open_store(cfg)

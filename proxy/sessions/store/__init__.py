@@ -30,12 +30,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from redis.asyncio import ConnectionPool
+    from proxy.shared_redis import SharedRedis
 
 log = logging.getLogger("chat_proxy")
 
 
-async def open_store(cfg: StoreConfig, pool: ConnectionPool | None = None) -> SessionStore:
+async def open_store(cfg: StoreConfig, pool: SharedRedis | None = None) -> SessionStore:
     """Open the configured store. A Redis server that does not answer yet is not an
     error here: the proxy starts, /readyz reports the store as down until it does."""
     if cfg.backend == "sqlite":
@@ -49,8 +49,11 @@ async def open_store(cfg: StoreConfig, pool: ConnectionPool | None = None) -> Se
             raise ConfigError([f"store.path: cannot open {cfg.path} for writing ({exc})"]) from None
     if cfg.backend == "redis":
         from proxy.sessions.store.redis import RedisStore
+        from proxy.shared_redis import open_pool
 
-        store = RedisStore(cfg.url, cfg.prefix, pool)
+        # on the application's shared connections; else (Sentinel or a cluster) its own
+        own = pool is None and (cfg.sentinel is not None or cfg.cluster)
+        store = RedisStore(cfg.url, cfg.prefix, open_pool(cfg) if own else pool, owns_pool=own)
         try:
             await asyncio.wait_for(store.ping(), 3)
         except Exception as exc:
