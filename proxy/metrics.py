@@ -111,6 +111,18 @@ QUEUE_REFUSED = Counter(
     "whose client left while waiting.",
     ["reason"],
 )
+SESSION_TURNS_PENDING = Gauge(
+    "chat_proxy_session_turns_pending",
+    "Session turns waiting to be written, kept while the store is unavailable.",
+    multiprocess_mode="livesum",
+)
+SESSION_TURNS_DROPPED = Counter(
+    "chat_proxy_session_turns_dropped_total",
+    "Session turns never written: the queue of pending turns was full (queue_full), "
+    "the store refused the turn (refused), or the proxy stopped before the store "
+    "came back (shutdown).",
+    ["reason"],
+)
 
 
 _CHILDREN: dict[tuple[str, int, str, str], tuple[Any, Any, Any, Any]] = {}

@@ -490,7 +490,7 @@ async def test_redis_goes_away_and_comes_back(
     redis_server.kill()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        for stream in (False, True):  # chat keeps working: limits let through, turns lost
+        for stream in (False, True):  # chat keeps working: limits let through, turns kept
             started = time.monotonic()
             resp = await client.post(
                 "/v1/chat/completions", json=body("while down", stream=stream), headers=AUTH
@@ -505,9 +505,9 @@ async def test_redis_goes_away_and_comes_back(
             resp = await client.get(path, headers=AUTH)
             assert resp.status == 503, await resp.text()
             assert assert_openai_error(await resp.read(), 503)["code"] == "store_unavailable"
-        await asyncio.sleep(0.5)  # the writer gives up on the turns
+        await asyncio.sleep(0.5)  # the writer finds the store away and keeps the turns
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "session store write failed" in logged
+    assert "session store unavailable" in logged and "keeping the turns" in logged
     assert "rate-limit store unreachable" in logged
 
     redis_server.start()
