@@ -179,7 +179,11 @@ def k8s_env(container: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]
         ref = item["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"]
         assert ref["key"] in secret["stringData"], f"the Secret has no {ref['key']}"
-        env[item["name"]] = f"test-{ref['key'].lower()}"
+        # an optional value is used as shipped (empty: the configuration's default)
+        if ref.get("optional"):
+            env[item["name"]] = str(secret["stringData"][ref["key"]])
+        else:
+            env[item["name"]] = f"test-{ref['key'].lower()}"
     return env
 
 
@@ -379,9 +383,19 @@ def test_compose_publishes_the_proxy_port_only() -> None:
     others = {
         n: s
         for n, s in compose()["services"].items()
-        if n != "chat-proxy" and "observability" not in s.get("profiles", [])
+        if n not in PROFILE_PROXIES
+        and n != "chat-proxy"
+        and "observability" not in s.get("profiles", [])
     }
     assert all("ports" not in s for s in others.values()), "the backends stay private"
+    # each profile's proxy publishes the same container port on a host port of its own
+    host_ports = {image_port()}
+    for name in PROFILE_PROXIES:
+        (mapping,) = compose()["services"][name]["ports"]
+        host, container = str(mapping).rsplit(":", 1)
+        assert int(container) == image_port()
+        assert int(host) not in host_ports, f"{name}: host port {host} is taken"
+        host_ports.add(int(host))
     build = service["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
 
@@ -403,11 +417,105 @@ def test_compose_pulls_the_model_the_proxy_defaults_to() -> None:
     assert URL(pull["environment"]["OLLAMA_HOST"]).host == "ollama"
 
 
+# ---------------------------------------------------------------- compose profiles
+
+# the proxy service of each store profile, and the file it mounts as its configuration
+PROFILE_PROXIES = {"chat-proxy-sentinel": "sentinel", "chat-proxy-postgres": "postgres"}
+
+
+def profile_config(name: str) -> tuple[dict[str, Any], str, LoadedConfig]:
+    service = compose()["services"][name]
+    assert service["profiles"] == [PROFILE_PROXIES[name]]
+    mounts = [v.split(":") for v in service["volumes"]]
+    (mount,) = [m for m in mounts if m[1] == image_env()["CHAT_PROXY_CONFIG"]]
+    assert mount[2:] == ["ro"]
+    assert mount[0] == f"./compose/{PROFILE_PROXIES[name]}.yaml"
+    text = (DEPLOY / mount[0]).read_text()
+    env = {k: compose_value(str(v)) for k, v in service["environment"].items()}
+    missing = required_vars(text) - set(env)
+    assert not missing, f"compose does not pass {sorted(missing)} to {name}"
+    return service, text, check_config(text, env)
+
+
+@pytest.mark.parametrize("name", sorted(PROFILE_PROXIES))
+def test_profile_proxy_is_the_default_one_on_another_store(name: str) -> None:
+    service, text, _ = profile_config(name)
+    default_text, _ = compose_config()
+    # the same proxy: only the `store:` block of its configuration differs
+    mine, default = yaml.safe_load(text), yaml.safe_load(default_text)
+    assert mine.pop("store") != default.pop("store")
+    assert mine == default
+    base = compose_proxy()
+    for key in ("image", "build", "read_only", "cap_drop", "security_opt", "stop_grace_period"):
+        assert service[key] == base[key], key
+    assert base["environment"].items() <= service["environment"].items()
+    assert "ollama" in service["depends_on"]
+
+
+def test_sentinel_profile_has_a_master_a_replica_and_three_sentinels() -> None:
+    service, _, config = profile_config("chat-proxy-sentinel")
+    services = compose()["services"]
+    profiled = {n for n, s in services.items() if "sentinel" in s.get("profiles", [])}
+    sentinels = {n for n in profiled if n.startswith("sentinel-")}
+    assert profiled == {"chat-proxy-sentinel", "redis-master", "redis-replica", *sentinels}
+    assert len(sentinels) == 3
+    store = config.store
+    assert store.backend == "redis" and store.sentinel is not None and not store.cluster
+    assert {h for h, _ in store.sentinel.addresses()} == sentinels
+    assert {p for _, p in store.sentinel.addresses()} == {26379}
+    assert sentinels <= set(service["depends_on"])
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis-master", "6379"]
+    for name in ("redis-master", "redis-replica"):
+        cmd = services[name]["command"]
+        assert cmd[cmd.index("--replica-announce-ip") + 1] == name
+        assert services[name]["image"].startswith("redis:")
+    for name in sentinels:
+        script = services[name]["command"][0]
+        monitor = re.search(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", script)
+        assert monitor, f"{name} monitors no master"
+        assert monitor.group(1) == store.sentinel.service
+        assert (monitor.group(2), monitor.group(3)) == ("redis-master", "6379")
+        assert int(monitor.group(4)) == 2, "a quorum of two of the three"
+        assert "announce-hostnames yes" in script and "resolve-hostnames yes" in script
+        assert "port 26379" in script
+        # Sentinel rewrites its file: each one has a volume of its own
+        (volume,) = services[name]["volumes"]
+        assert (
+            volume.split(":")[0] == f"{name}-data" and volume.split(":")[0] in compose()["volumes"]
+        )
+
+
+def test_postgres_profile_migrates_its_own_database() -> None:
+    service, _, config = profile_config("chat-proxy-postgres")
+    services = compose()["services"]
+    profiled = {n for n, s in services.items() if "postgres" in s.get("profiles", [])}
+    assert profiled == {"chat-proxy-postgres", "postgres"}
+    pg = services["postgres"]
+    assert pg["image"].startswith("postgres:") and not pg["image"].endswith(":latest")
+    assert config.store.backend == "postgres"
+    dsn = URL(config.store.dsn)
+    assert dsn.host == "postgres" and dsn.port == 5432
+    assert dsn.user == pg["environment"]["POSTGRES_USER"]
+    assert dsn.path.lstrip("/") == pg["environment"]["POSTGRES_DB"]
+    # the proxy and the server read the same password, with the same default
+    assert dsn.password == compose_value(pg["environment"]["POSTGRES_PASSWORD"])
+    assert service["environment"]["POSTGRES_PASSWORD"] == pg["environment"]["POSTGRES_PASSWORD"]
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in pg["healthcheck"]["test"]
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 
 def test_k8s_files_hold_a_configmap_deployment_service_and_secret() -> None:
-    assert set(k8s_objects()) == {"ConfigMap", "Deployment", "Service", "Secret"}
+    assert set(k8s_objects()) == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Secret",
+        "PodDisruptionBudget",
+    }
     assert set(pod_containers()) == {"chat-proxy", "vllm"}
     assert pod_containers()["vllm"]["image"].startswith("vllm/vllm-openai:")
 
@@ -428,6 +536,27 @@ def test_k8s_config_passes_the_proxy_check_with_the_secret_keys() -> None:
         "session",
         "model_override",
     ]
+
+
+def test_k8s_three_replicas_share_one_store() -> None:
+    config = k8s_proxy_config()
+    objs = k8s_objects()
+    deployment = objs["Deployment"]["spec"]
+    assert deployment["replicas"] == 3
+    # a store every replica reaches: a Service's name, not a file or the pod's memory
+    assert config.store.backend in ("redis", "postgres")
+    where = URL(config.store.url if config.store.backend == "redis" else config.store.dsn)
+    assert where.host == "chat-proxy-redis" or where.host == "chat-proxy-postgres"
+    # one pod down at a time on a rollout, and no surge (each pod holds a GPU)
+    rolling = deployment["strategy"]["rollingUpdate"]
+    assert (rolling["maxUnavailable"], rolling["maxSurge"]) == (1, 0)
+    labels = deployment["template"]["metadata"]["labels"]
+    pdb = objs["PodDisruptionBudget"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 0 < pdb["spec"]["minAvailable"] < deployment["replicas"]
+    (spread,) = deployment["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_k8s_upstream_is_the_vllm_container_on_the_pod_loopback() -> None:
