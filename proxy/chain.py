@@ -273,9 +273,14 @@ def describe(config: LoadedConfig) -> list[str]:
     for up in config.upstreams:
         lines.append(f"  - {up.name}: {', '.join(up.urls)} models={list(up.models)}")
     store = config.store
-    where = {"sqlite": store.path, "redis": _redact_url(store.url), "memory": "in process"}[
-        store.backend
-    ]
+    if store.backend == "redis" and store.sentinel is not None:
+        where = f"sentinel {', '.join(store.sentinel.hosts)}, service {store.sentinel.service}"
+    elif store.backend == "redis":
+        where = _redact_url(store.url) + (" (cluster)" if store.cluster else "")
+    elif store.backend == "postgres":
+        where = _redact_url(store.dsn or "")
+    else:
+        where = {"sqlite": store.path, "memory": "in process"}[store.backend]
     lines.append(f"store: {store.backend} ({where})")
     return lines
 

@@ -104,3 +104,27 @@ def test_a_factory_that_returns_no_middleware_is_a_config_error() -> None:
         "middleware[0].tests.unit.test_chain:not_a_middleware: "
         "the factory did not return a middleware"
     ]
+
+
+@pytest.mark.parametrize(
+    ("store", "shown"),
+    [
+        ("{backend: memory}", "store: memory (in process)"),
+        (
+            "{backend: postgres, dsn: 'postgresql://u:secret@db:5432/x'}",
+            "store: postgres (postgresql://u:***@db:5432/x)",
+        ),
+        (
+            "{backend: redis, sentinel: {hosts: ['s1:26379', 's2:26379'], service: m}}",
+            "store: redis (sentinel s1:26379, s2:26379, service m)",
+        ),
+        ("{backend: redis, cluster: true}", "store: redis (redis://127.0.0.1:6379/0 (cluster))"),
+    ],
+)
+def test_check_describes_every_store_without_its_secrets(store: str, shown: str) -> None:
+    from proxy.chain import describe
+    from proxy.loader import load_text
+
+    text = f"upstreams:\n  - name: a\n    url: 'echo:'\nstore: {store}\n"
+    lines = describe(load_text(text, env={}))
+    assert shown in lines and not any("secret" in line for line in lines)

@@ -424,8 +424,11 @@ def test_compose_observability_profile_adds_prometheus_grafana_and_jaeger() -> N
     services = compose()["services"]
     profiled = {n for n, s in services.items() if PROFILE in s.get("profiles", [])}
     assert profiled == {"prometheus", "grafana", "jaeger"}
-    # the rest starts without the profile, as before
-    assert all("profiles" not in s for n, s in services.items() if n not in profiled)
+    # the rest starts without it: the proxy and its own Redis with no profile at all
+    assert all(
+        PROFILE not in s.get("profiles", []) for n, s in services.items() if n not in profiled
+    )
+    assert "profiles" not in services["chat-proxy"]
     for name in profiled:
         image = services[name]["image"]
         repo, _, tag = image.rpartition(":")
