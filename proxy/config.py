@@ -354,8 +354,11 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, errors: list[str]
 
         def sub(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            # as in the shell: `${VAR:-default}` takes the default when VAR is unset or
+            # empty; `${VAR}` takes an empty VAR as it is
+            if value is not None and (value != "" or default is None):
+                return value
             if default is not None:
                 return default
             errors.append(f"{path or '<root>'}: environment variable {name} is not set")

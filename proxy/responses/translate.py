@@ -449,6 +449,14 @@ def to_chat(body: dict[str, Any], *, extra_params: ExtraParams = "reject") -> Ch
     reasoning = None
     if body.get("reasoning") is not None:
         reasoning = _object("reasoning", body["reasoning"])
+        for key in reasoning:
+            if key not in ("effort", "summary", "generate_summary"):
+                raise ProxyError(
+                    400,
+                    f"Unknown parameter: 'reasoning.{key}'.",
+                    param=f"reasoning.{key}",
+                    code="unknown_parameter",
+                )
     user = _opt_string("user", body.get("user"))
     safety = _opt_string("safety_identifier", body.get("safety_identifier"))
     cache_key = _opt_string("prompt_cache_key", body.get("prompt_cache_key"))

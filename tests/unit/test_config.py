@@ -169,3 +169,12 @@ def test_fleet_errors_name_their_paths() -> None:
 def test_a_key_priority_outside_0_to_9_is_an_error() -> None:
     text = UP + "middleware:\n  - type: auth\n    keys:\n      - {id: a, key: sk-a, priority: 10}\n"
     assert any("priority" in e for e in errors_of(text))
+
+
+def test_an_empty_variable_takes_its_default_as_in_the_shell() -> None:
+    text = (
+        'upstreams:\n  - name: a\n    url: "${URL:-http://127.0.0.1:9/v1}"\n    api_key: "${KEY}"\n'
+    )
+    cfg = load_text(text, env={"URL": "", "KEY": ""})
+    assert cfg.upstreams[0].url == "http://127.0.0.1:9/v1"
+    assert cfg.upstreams[0].api_key == ""
