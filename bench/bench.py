@@ -311,6 +311,7 @@ class Target:
     tools: bool = False  # the stream requests declare the tool_keywords tool
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    gc_log: Path | None = None  # chat-proxy: its collections, one line each (CHAT_PROXY_GC_LOG)
 
     def url(self, what: str, backend_port: int) -> str:
         if self.kind in ("chat-proxy", "litellm"):
@@ -327,6 +328,7 @@ def targets(selected: set[str] | None) -> list[Target]:
         Target("nginx", "nginx"),
         Target("chat-proxy empty", "chat-proxy", "empty"),
         Target("chat-proxy full", "chat-proxy", "full", headers={"X-API-Key": KEY}),
+        Target("chat-proxy full memory", "chat-proxy", "full_memory", headers={"X-API-Key": KEY}),
         Target("chat-proxy tool_keywords", "chat-proxy", "tool_keywords", json_c=False, tools=True),
         Target(
             "litellm", "litellm", streams=False, headers={"Authorization": f"Bearer {LITELLM_KEY}"}
@@ -442,8 +444,16 @@ class Bench:
                     raise RuntimeError("the slow backend did not start") from None
                 time.sleep(0.1)
 
-    def start_target(self, t: Target) -> str | None:
-        """Start what is measured; None when started, or the reason it is skipped."""
+    def start_target(
+        self,
+        t: Target,
+        workers: int = 1,
+        role: str = "server",
+        extra_env: dict[str, str] | None = None,
+    ) -> str | None:
+        """Start what is measured; None when started, or the reason it is skipped.
+        chat-proxy: `workers` processes (serve --workers), `extra_env` over the bench's
+        variables; `role` the CPUs it is pinned to (one not in the map: none)."""
         if t.kind == "backend":
             return None
         t.port = free_port()
@@ -470,7 +480,7 @@ class Bench:
             ready_timeout = 15.0
         elif t.kind == "chat-proxy":
             assert t.config is not None
-            env = self.proxy_env(t.port)
+            env = self.proxy_env(t.port) | (extra_env or {})
             config = BENCH / "configs" / f"{t.config}.yaml"
             check = subprocess.run(
                 [str(PROJECT_PY), "-m", "proxy", "check", "--config", str(config)],
@@ -483,6 +493,12 @@ class Bench:
                 why = check.stderr.decode(errors="replace").strip().replace("\n", " ")
                 return f"skipped: `chat-proxy check` refused {config.name}: {why}"
             argv = [str(PROJECT_PY), "-m", "proxy", "serve", "--config", str(config)]
+            if workers > 1:
+                argv += ["--workers", str(workers)]
+            t.gc_log = self.run / f"gc-{name}.log"
+            t.gc_log.write_bytes(b"")
+            env["CHAT_PROXY_GC_LOG"] = str(t.gc_log)
+            env.update(dict(kv.split("=", 1) for kv in self.args.proxy_env))
             ready_timeout = 30.0
         elif t.kind == "litellm":
             if not LITELLM.exists():
@@ -511,7 +527,7 @@ class Bench:
             ready_timeout = 180.0
         else:
             raise ValueError(t.kind)
-        t.proc = self.procs.start(name, argv, "server", env)
+        t.proc = self.procs.start(name, argv, role, env)
         probe_headers = dict(t.headers)
         wait_ready(
             t.proc, t.url("json", 0), request_body("bench-json"), probe_headers, ready_timeout, log
@@ -577,7 +593,10 @@ class Bench:
         """One measurement of one scenario on one target, with the CPU time the
         target spent on it (a figure that other work on the machine hardly moves)."""
         cpu0 = proc_cpu_seconds(t.proc.pid) if t.proc is not None else None
+        gc0 = gc_offset(t.gc_log)
         res = self._one(t, scenario, seconds)
+        if t.gc_log is not None:
+            res["gc"] = gc_since(t.gc_log, gc0)
         if cpu0 is not None and t.proc is not None:
             cpu = proc_cpu_seconds(t.proc.pid) - cpu0
             if scenario.startswith("json") and res["requests"]:
@@ -623,7 +642,7 @@ class Bench:
             if t.json_c:
                 self.wrk(t.url("json", self.ports["backend"]), 16, 1, t.headers)  # warm-up
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {t.name: {} for t in ts}
-        for scenario in SCENARIOS:
+        for scenario in self.args.scenarios:
             runs = [t for t in ts if (t.json_c if scenario.startswith("json") else t.streams)]
             for r in range(rounds):
                 k = r % len(runs) if runs else 0
@@ -786,6 +805,150 @@ class Bench:
         finally:
             self.stop_target(t)
 
+    def streams10k(self, config: str, headers: dict[str, str]) -> dict[str, Any]:
+        """`--streams10k` slow streams at once through chat-proxy with two workers, from
+        a slow backend of their own that stamps each event with the time it writes it
+        (bench/slow_backend.py --stamp) and a load generator of several processes
+        (bench/slow_streams.py): how many complete with every event, the most open at
+        once, each event's delay from the backend's write to the client's read, and
+        the workers' resident memory, summed, sampled every 100 ms. Nothing is pinned:
+        the two workers share both cores with the backend and the load generator."""
+        a = self.args
+        n = a.streams10k
+        port = free_port()
+        backend = self.procs.start(
+            "slow-backend-10k",
+            [
+                str(PROJECT_PY),
+                str(BENCH / "slow_backend.py"),
+                "--port",
+                str(port),
+                "--events",
+                str(a.streams10k_events),
+                "--interval",
+                str(a.streams10k_interval),
+                "--stamp",
+            ],
+            "none",
+        )
+        t = Target(f"chat-proxy {config}", "chat-proxy", config, headers=headers)
+        try:
+            wait_port(port, backend)
+            why = self.start_target(
+                t,
+                workers=2,
+                role="none",
+                extra_env={
+                    "BENCH_SLOW": f"http://127.0.0.1:{port}",
+                    # each worker's pool holds every stream it could be given
+                    "BENCH_SLOW_CONNECTIONS": str(n),
+                },
+            )
+            if why is not None:
+                return {"skipped": why}
+            assert t.proc is not None and t.gc_log is not None
+            log = self.run / f"chat-proxy-{config}.log"
+            pids = wait_workers(t.proc.pid, log, 2, 30.0)
+            for _ in range(20):  # a few requests, to each worker most likely
+                post(t.url("json", 0), request_body("bench-json"), headers)
+            time.sleep(0.5)
+            base = {pid: proc_status(pid) for pid in pids}
+            cpu0 = sum(proc_cpu_seconds(pid) for pid in pids)
+            gc0 = gc_offset(t.gc_log)
+            argv = [
+                str(PROJECT_PY),
+                str(BENCH / "slow_streams.py"),
+                "--url",
+                t.url("slow", 0),
+                "--body",
+                str(self.files["slow"]),
+                "--n",
+                str(n),
+                "--procs",
+                str(a.streams10k_procs),
+                "--ramp",
+                str(a.streams10k_ramp),
+                "--expect",
+                str(a.streams10k_events + 1),
+                "--timeout",
+                str(a.streams10k_events * a.streams10k_interval + 60),
+            ]
+            for k, v in headers.items():
+                argv += ["--header", f"{k}: {v}"]
+            errlog = self.run / f"slow-streams-{config}.log"
+            with errlog.open("wb") as errf:  # a file: a pipe left unread could fill and block it
+                load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, cwd=REPO)
+            with (self.run / "pids").open("a") as f:
+                f.write(f"{load.pid}\n")
+            peak = 0
+            peak_each: dict[int, int] = {}
+            samples: list[tuple[float, int]] = []
+            t0 = time.monotonic()
+            give_up = t0 + a.streams10k_ramp + a.streams10k_events * a.streams10k_interval + 180
+            while load.poll() is None:
+                if time.monotonic() > give_up:  # bounded, whatever happens
+                    load.kill()
+                    break
+                now = {pid: proc_status(pid).get("VmRSS", 0) for pid in pids}
+                total = sum(now.values())
+                if total > peak:
+                    peak, peak_each = total, now
+                samples.append((round(time.monotonic() - t0, 2), total))
+                time.sleep(0.1)
+            out, _ = load.communicate()
+            if load.returncode != 0:
+                raise RuntimeError(f"slow_streams failed: {tail(errlog)[-800:]}")
+            res: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+            end = {pid: proc_status(pid) for pid in pids}
+            start_rss = sum(b.get("VmRSS", 0) for b in base.values())
+            res.update(
+                {
+                    "workers": len(pids),
+                    "events_per_stream": a.streams10k_events,
+                    "interval": a.streams10k_interval,
+                    "ramp": a.streams10k_ramp,
+                    "rss_start_mb": start_rss / 1024,
+                    "rss_peak_mb": peak / 1024,  # the sum over the workers at its highest
+                    "rss_peak_each_mb": [v / 1024 for v in peak_each.values()],
+                    "vmhwm_sum_mb": sum(e.get("VmHWM", 0) for e in end.values()) / 1024,
+                    "bytes_per_stream": (peak - start_rss) * 1024 / n if n else 0,
+                    "cpu_seconds": sum(proc_cpu_seconds(pid) for pid in pids) - cpu0,
+                    "gc": gc_since(t.gc_log, gc0),
+                    "rss_samples": samples[:: max(1, len(samples) // 100)],
+                }
+            )
+            return res
+        finally:
+            self.stop_target(t)
+            self.procs.stop(backend)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"nothing listens on port {port}") from None
+            time.sleep(0.1)
+
+
+def wait_workers(pid: int, log: Path, n: int, timeout: float) -> list[int]:
+    """The pids of a `serve --workers n` supervisor's workers, once each listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                kids += [int(k) for k in (task / "children").read_text().split()]
+        listening = tail(log, 400).count('"chat-proxy listening"')
+        if len(kids) >= n and listening >= n:
+            return kids
+        time.sleep(0.2)
+    raise RuntimeError(f"{n} workers did not start; log {log}:\n{tail(log)}")
+
 
 SCENARIOS = ("json_c1", "json_c64", "ttfb", "events")
 
@@ -796,10 +959,56 @@ def median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+def gc_offset(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def gc_since(path: Path, offset: int) -> dict[str, Any]:
+    """The collections a chat-proxy process logged since `offset` of its GC log
+    (proxy/gcwatch.py: `generation pause_seconds` a line): count, longest and total
+    pause by generation."""
+    count = [0, 0, 0]
+    longest = [0.0, 0.0, 0.0]
+    longest_cpu = [0.0, 0.0, 0.0]
+    total = [0.0, 0.0, 0.0]
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(offset)
+        for line in f.read().splitlines():
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            gen, pause = int(parts[0]), float(parts[1]) * 1000
+            cpu = float(parts[2]) * 1000 if len(parts) > 2 else pause
+            if 0 <= gen <= 2:
+                count[gen] += 1
+                longest[gen] = max(longest[gen], pause)
+                longest_cpu[gen] = max(longest_cpu[gen], cpu)
+                total[gen] += pause
+    return {"count": count, "max_ms": longest, "max_cpu_ms": longest_cpu, "total_ms": total}
+
+
+def merge_gc(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    got = [r["gc"] for r in runs if "gc" in r]
+    if not got:
+        return None
+    return {
+        "count": [sum(g["count"][i] for g in got) for i in range(3)],
+        "max_ms": [max(g["max_ms"][i] for g in got) for i in range(3)],
+        "max_cpu_ms": [max(g["max_cpu_ms"][i] for g in got) for i in range(3)],
+        "total_ms": [sum(g["total_ms"][i] for g in got) for i in range(3)],
+    }
+
+
 def merge(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The rounds of one scenario on one target: counts added, rates and each
-    percentile the median over the rounds."""
+    percentile the median over the rounds; the collections of every round."""
     out: dict[str, Any] = {"rounds": len(runs)}
+    gcs = merge_gc(runs)
+    if gcs is not None:
+        out["gc"] = gcs
     if scenario.startswith("json"):
         out["rps"] = median([r["rps"] for r in runs])
         out["rps_rounds"] = [round(r["rps"], 1) for r in runs]
@@ -861,7 +1070,28 @@ def describe(name: str, scenario: str, r: dict[str, Any]) -> str:
             text += f"  cpu {r['cpu_us_per_event']:.2f} us/event"
         if r["incomplete"] or r["error_count"]:
             text += f"  INCOMPLETE {r['incomplete']} ERRORS {r['error_count']} {r['errors']}"
+    if "gc" in r:
+        text += "  " + describe_gc(r["gc"])
     return head + text
+
+
+def describe_10k(s: dict[str, Any]) -> str:
+    d = s.get("delay_ms", {})
+    return (
+        f"{s['completed']}/{s['streams']} completed (at most {s['most_open']} open at once); "
+        f"event delay p50 {fmt(d.get('50'), 1)} p99 {fmt(d.get('99'), 1)} max {fmt(d.get('max'), 1)} ms; "
+        f"workers' RSS {s['rss_start_mb']:.0f} MB at start, peak {s['rss_peak_mb']:.0f} MB "
+        f"({s['bytes_per_stream'] / 1024:.1f} KiB a stream); {describe_gc(s['gc'])}"
+        + (f"; errors {s['errors']}" if s["errors"] else "")
+    )
+
+
+def describe_gc(gc: dict[str, Any]) -> str:
+    n, m = gc["count"], gc["max_ms"]
+    return (
+        f"gc {n[0]}/{n[1]}/{n[2]} longest {max(m):.2f} ms (gen2 {m[2]:.2f}; "
+        f"CPU {max(gc['max_cpu_ms']):.2f})"
+    )
 
 
 _IDLE = ("_worker (concurrent/futures/thread.py", "EpollSelector.select", "Condition.wait")
@@ -1006,7 +1236,10 @@ def g(d: dict[str, Any] | None, *path: str) -> Any:
 
 
 def checks(
-    results: dict[str, Any], streams: dict[str, Any], args: argparse.Namespace
+    results: dict[str, Any],
+    streams: dict[str, Any],
+    args: argparse.Namespace,
+    streams10k: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     T = results
     out: list[dict[str, Any]] = []
@@ -1104,6 +1337,64 @@ def checks(
             f"{s['completed']}/{s['streams']} completed"
             + (f"; {s['errors']}" if s["errors"] else ""),
         )
+    bare99 = g(T, "bare_relay", "json_c64", "latency_ms", "99")
+    for name, store in (("chat-proxy full", "SQLite"), ("chat-proxy full memory", "memory")):
+        if name not in T or "skipped" in T[name]:
+            continue
+        p99 = g(T, name, "json_c64", "latency_ms", "99")
+        gcs = g(T, name, "json_c64", "gc")
+        add(
+            f"full chain ({store} store) p99 / bare relay p99, c=64",
+            ratio(p99, bare99),
+            "<=",
+            2,
+            "x",
+            f"{fmt(p99, 1)} vs {fmt(bare99, 1)} ms",
+        )
+        add(
+            f"full chain ({store} store): longest collector pause during c=64",
+            max(gcs["max_ms"]) if gcs else None,
+            "<=",
+            5,
+            "ms",
+            (
+                f"collections {'/'.join(str(x) for x in gcs['count'])} (gen0/1/2); the "
+                f"longest's CPU time {max(gcs['max_cpu_ms']):.2f} ms"
+            )
+            if gcs
+            else "",
+        )
+    for config, s in (streams10k or {}).items():
+        n = args.streams10k
+        if "skipped" in s:
+            add(f"{n} streams, {config} chain, two workers", None, "<=", 300, "MB", s["skipped"])
+            continue
+        complete = s["completed"] == s["streams"]
+        add(
+            f"{n} streams, {config} chain, two workers: all complete with every event",
+            s["completed"],
+            ">=",
+            s["streams"],
+            "",
+            f"at most {s['most_open']} open at once" + (f"; {s['errors']}" if s["errors"] else ""),
+        )
+        add(
+            f"{n} streams, {config} chain: the workers' RSS summed, at its peak",
+            s["rss_peak_mb"] if complete else None,
+            "<=",
+            300,
+            "MB",
+            f"{s['rss_start_mb']:.0f} MB at start; {s['bytes_per_stream'] / 1024:.1f} KiB a stream",
+        )
+        add(
+            f"{n} streams, {config} chain: event delay p99 (backend write to client read)",
+            g(s, "delay_ms", "99"),
+            "<=",
+            100,
+            "ms",
+            f"p50 {fmt(g(s, 'delay_ms', '50'), 1)}, max {fmt(g(s, 'delay_ms', 'max'), 1)} ms; "
+            f"{s['events_measured']:,} events; {describe_gc(s['gc'])}",
+        )
     full = g(T, "chat-proxy full", "json_c64", "rps")
     add(
         "full chain / LiteLLM, req/s at c=64",
@@ -1167,6 +1458,29 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt(tt.get('50'), 3) if tt else '-'} | {fmt(tt.get('99'), 3) if tt else '-'} | {added or '-'} "
             f"| {fmt(g(r, 'events', 'events_per_second'), 0)} | {fmt(g(r, 'events', 'cpu_us_per_event'), 2)} |"
         )
+    gc_rows = []
+    for name, r in T.items():
+        cells = []
+        for sc in SCENARIOS:
+            gcs = g(r, sc, "gc")
+            cells.append(
+                "-"
+                if gcs is None
+                else f"{'/'.join(str(x) for x in gcs['count'])}, {max(gcs['max_ms']):.2f} ms"
+                + (f" ({max(gcs['max_cpu_ms']):.2f})" if max(gcs["max_ms"]) >= 1 else "")
+            )
+        if any(c != "-" for c in cells):
+            gc_rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if gc_rows:
+        lines += [
+            "",
+            "Collector, per scenario (every round): collections gen0/gen1/gen2, the longest "
+            "pause (wall time; its CPU time in brackets where 1 ms or more).",
+            "",
+            "| | c=1 | c=64 | stream TTFB | SSE events |",
+            "|---|---|---|---|---|",
+            *gc_rows,
+        ]
     lines += ["", "| target | measured | limit | result | note |", "|---|---:|---:|---|---|"]
     for c in report["checks"]:
         res = "-" if c["pass"] is None else ("PASS" if c["pass"] else "**FAIL**")
@@ -1192,6 +1506,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| chat-proxy {config} | {s['completed']}/{s['streams']} | {s['rss_start_mb']:.1f} | {max(s['vmhwm_mb'], s['rss_peak_sampled_mb']):.1f} "
                 f"| {s['cpu_seconds']:.1f} | {fmt(ss.get('50'), 2)} / {fmt(ss.get('99'), 2)} |"
             )
+    if report.get("streams10k"):
+        a = report["args"]
+        lines += [
+            "",
+            f"| {a['streams10k']} concurrent streams, two workers ({a['streams10k_events']} events, "
+            f"one every {a['streams10k_interval']:g} s, opened over {a['streams10k_ramp']:g} s) "
+            "| completed | most open | event delay p50 / p99 / max ms | workers' RSS at start MB "
+            "| peak MB (sum) | per stream KiB | workers' CPU s | collections, longest |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for config, s in report["streams10k"].items():
+            if "skipped" in s:
+                lines.append(f"| chat-proxy {config} | {s['skipped']} |" + " |" * 7)
+                continue
+            d = s["delay_ms"]
+            gcs = s["gc"]
+            lines.append(
+                f"| chat-proxy {config} | {s['completed']}/{s['streams']} | {s['most_open']} "
+                f"| {fmt(d.get('50'), 1)} / {fmt(d.get('99'), 1)} / {fmt(d.get('max'), 1)} "
+                f"| {s['rss_start_mb']:.0f} | {s['rss_peak_mb']:.0f} | {s['bytes_per_stream'] / 1024:.1f} "
+                f"| {s['cpu_seconds']:.1f} | {'/'.join(str(x) for x in gcs['count'])}, "
+                f"{max(gcs['max_ms']):.2f} ms |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1213,6 +1550,31 @@ def main() -> int:
     parser.add_argument(
         "--no-streams1000", action="store_true", help="skip the 1,000-stream memory scenario"
     )
+    parser.add_argument(
+        "--no-streams10k",
+        action="store_true",
+        help="skip the 10,000-stream scenario (two workers)",
+    )
+    parser.add_argument("--streams10k", type=int, default=10000, help="streams at once")
+    parser.add_argument("--streams10k-events", type=int, default=30)
+    parser.add_argument("--streams10k-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--streams10k-ramp", type=float, default=10.0, help="seconds over which they open"
+    )
+    parser.add_argument(
+        "--streams10k-procs", type=int, default=4, help="processes of the load generator"
+    )
+    parser.add_argument(
+        "--streams10k-chains",
+        default="empty,full",
+        help="comma-separated chat-proxy configs the scenario runs (empty, full)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=lambda v: [s for s in v.split(",") if s],
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--slow-events", type=int, default=50)
     parser.add_argument("--slow-interval", type=float, default=0.1)
@@ -1220,6 +1582,14 @@ def main() -> int:
     parser.add_argument("--long-events", type=int, default=2000)
     parser.add_argument("--stream-clients", type=int, default=4)
     parser.add_argument("--log-level", default="info", help="chat-proxy's server.log_level")
+    parser.add_argument(
+        "--proxy-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every chat-proxy process (e.g. "
+        "CHAT_PROXY_GC_THRESHOLD=700,10,10); repeatable",
+    )
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument(
         "--profile",
@@ -1319,6 +1689,19 @@ def main() -> int:
                         f"{s['rss_start_mb']:.1f} MB at start, peak {max(s['vmhwm_mb'], s['rss_peak_sampled_mb']):.1f} MB"
                         + (f"; {s['errors']}" if s["errors"] else "")
                     )
+        streams10k: dict[str, Any] = {}
+        if not args.no_streams10k:
+            for config in [c for c in args.streams10k_chains.split(",") if c]:
+                if selected and not selected & {"chat-proxy", f"chat-proxy {config}"}:
+                    continue
+                headers = {"X-API-Key": KEY} if config.startswith("full") else {}
+                say(f"{args.streams10k} streams, chat-proxy {config}, two workers:")
+                try:
+                    s = bench.streams10k(config, headers)
+                except Exception as exc:
+                    s = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
+                streams10k[config] = s
+                say("  " + (s["skipped"] if "skipped" in s else describe_10k(s)))
         procs.stop_all()  # the backends too: what is left running now is not ours
         load_after = os.getloadavg()[0]
         other = other_work(stat0, times0)
@@ -1335,8 +1718,9 @@ def main() -> int:
             "args": vars(args),
             "results": results,
             "streams": streams,
+            "streams10k": streams10k,
         }
-        report["checks"] = checks(results, streams, args)
+        report["checks"] = checks(results, streams, args, streams10k)
         text = markdown(report)
         report["markdown"] = text
         out = Path(args.output)
