@@ -14,6 +14,10 @@ from typing import Protocol
 
 from proxy.ratelimit.algorithm import Decision, Quota, Window, format_reset
 
+# the request's key (aiohttp's per-request mapping) under which the Redis limiter
+# leaves the session lookup it sent with its check: (owner, digest, session id or None)
+LOOKED_UP = "chat_proxy.session_looked_up"
+
 
 class StoreError(Exception):
     """The limiter's store could not be reached or did not answer in time."""
@@ -39,4 +43,4 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
-__all__ = ["Decision", "Limiter", "Quota", "StoreError", "Window", "format_reset"]
+__all__ = ["LOOKED_UP", "Decision", "Limiter", "Quota", "StoreError", "Window", "format_reset"]

@@ -53,6 +53,8 @@ class Decision:
     retry_after: float = 0.0  # seconds
     lease: str | None = None  # the concurrency slot held, given back by settle()
     in_flight: int = 0
+    # the answer of a script sent with the check (the Redis limiter's `also`)
+    looked_up: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from proxy.chain import BuildContext, Feature, register
 from proxy.config import WORKERS_ENV, Limits
 from proxy.errors import ProxyError
 from proxy.exchange import Exchange, Handler
-from proxy.ratelimit import Decision, Limiter, Quota, StoreError, format_reset
+from proxy.ratelimit import LOOKED_UP, Decision, Limiter, Quota, StoreError, format_reset
 from proxy.ratelimit.estimate import Estimate, estimate
 from proxy.ratelimit.local import MemoryLimiter
 from proxy.ratelimit.meter import Meter, attach
@@ -281,6 +281,13 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
         try:
             if local is not None:
                 decision = local.acquire_now(key, quota, cost)
+            elif (lookup := _lookahead(ctx, limiter, ex)) is not None:
+                # the session lookup this request will make, in the check's round trip
+                owner, digest, call = lookup
+                decision = await limiter.acquire(key, quota, cost, call)  # type: ignore[call-arg]
+                if not isinstance(decision.looked_up, Exception):
+                    found = decision.looked_up
+                    ex.request[LOOKED_UP] = (owner, digest, str(found) if found else None)
             else:
                 decision = await limiter.acquire(key, quota, cost)
         except StoreError as exc:
@@ -305,6 +312,24 @@ def rate_limit(options: RateLimitOptions, ctx: BuildContext) -> Feature:
                 await asyncio.shield(_settle(limiter, holder, key, quota, decision.lease, delta))
 
     return Feature(middleware, startup=(startup,), shutdown=(shutdown,), handoff=handoff)
+
+
+def _lookahead(ctx: BuildContext, limiter: Limiter, ex: Exchange) -> tuple[str, str, Any] | None:
+    """The session lookup `ex` will make, when the limiter and the session store are
+    on one Redis: (owner, digest, the store's script call)."""
+    store = ctx.store
+    ahead = getattr(store, "lookahead", None)
+    if ahead is None or getattr(limiter, "scope", None) != "shared" or store is None:
+        return None
+    from proxy.ratelimit.redis import RedisLimiter
+
+    if not isinstance(limiter, RedisLimiter):
+        return None
+    wanted = ahead(ex)
+    if wanted is None:
+        return None
+    owner, digest = wanted
+    return owner, digest, store.find_call(owner, digest)  # type: ignore[attr-defined]
 
 
 async def _postgres_limiter(ctx: BuildContext) -> PostgresLimiter:

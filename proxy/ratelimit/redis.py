@@ -24,12 +24,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from proxy.config import StoreConfig
 from proxy.ratelimit import StoreError
@@ -141,6 +142,14 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return 1
 """
 
+# a script, its keys and its arguments
+Extra: TypeAlias = tuple[AsyncScript, list[str], list[str]]
+
+
+class LookupFailed(Exception):
+    """The script sent with a check failed (the check itself answered)."""
+
+
 COOLDOWN = 1.0  # seconds without trying Redis after it failed
 CALL_TIMEOUT = 1.0  # seconds: the most a check may wait for Redis
 
@@ -180,6 +189,7 @@ class RedisLimiter:
         self.prefix = prefix
         self.lease = lease
         self.period_ms = round(period * 1000)
+        self.cluster = isinstance(client, RedisCluster)
         self._check = client.register_script(CHECK)
         self._settle = client.register_script(SETTLE)
         self._renew = client.register_script(RENEW)
@@ -204,7 +214,11 @@ class RedisLimiter:
             self._down_until = time.monotonic() + COOLDOWN
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def acquire(self, key: str, quota: Quota, cost: int) -> Decision:
+    async def acquire(
+        self, key: str, quota: Quota, cost: int, also: Extra | None = None
+    ) -> Decision:
+        """`also`: a read-only script (the session lookup) sent with the check, whose
+        answer is the decision's `looked_up` (a `LookupFailed` when it alone failed)."""
         rpm = quota.requests_per_minute or 0
         tpm = quota.tokens_per_minute or 0
         maxc = quota.max_concurrent or 0
@@ -219,7 +233,11 @@ class RedisLimiter:
             round(self.lease * 1000),
             self.period_ms,
         ]
-        raw: Any = await self._call(self._check(keys=keys, args=args))
+        found: Any = None
+        if also is None:
+            raw: Any = await self._call(self._check(keys=keys, args=args))
+        else:
+            raw, found = await self._call(self._check_and(keys, args, also))
         allowed, c_ok, r_ok, t_ok, r_rem, r_reset, t_rem, t_reset, retry, in_flight = (
             int(x) for x in raw
         )
@@ -241,7 +259,45 @@ class RedisLimiter:
             retry_after=retry / 1000,
             lease=lease,
             in_flight=in_flight,
+            looked_up=found,
         )
+
+    async def _check_and(self, keys: list[str], args: list[int | str], also: Extra) -> Any:
+        """The check and `also` in one round trip: one pipeline on one server or a
+        Sentinel-managed master. On a cluster `also`'s keys (an owner's `{O}` slot)
+        are not in the slot of the check's (`{KEY}`), so the two go to their nodes at
+        once, two round trips side by side."""
+        script, extra_keys, extra_args = also
+        results: list[Any]
+        if self.cluster:
+            results = list(
+                await asyncio.gather(
+                    self._check(keys=keys, args=args),
+                    script(keys=extra_keys, args=extra_args),
+                    return_exceptions=True,
+                )
+            )
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)
+                pipe.execute_command(
+                    "EVALSHA", script.sha, len(extra_keys), *extra_keys, *extra_args
+                )
+                results = await pipe.execute(raise_on_error=False)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # a server that does not know the scripts yet (started, restarted,
+                # flushed): each call loads its own, one after the other this once
+                results = [await self._check(keys=keys, args=args), None]
+                try:
+                    results[1] = await script(keys=extra_keys, args=extra_args)
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    results[1] = exc
+        raw, found = results
+        if isinstance(raw, BaseException):
+            raise raw
+        if isinstance(found, BaseException):
+            return raw, LookupFailed(f"{type(found).__name__}: {found}")
+        return raw, found
 
     async def settle(self, key: str, quota: Quota, lease: str | None, token_delta: int) -> None:
         keys = self._keys(key)

@@ -29,6 +29,7 @@ from aiohttp import web
 from proxy.chain import BuildContext, Feature, register
 from proxy.exchange import Exchange, Handler
 from proxy.jsonfast import copy_tree
+from proxy.ratelimit import LOOKED_UP
 from proxy.routes import CHAT
 from proxy.sessions import ids
 from proxy.sessions.api import sessions_route
@@ -121,6 +122,9 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
 
     async def start() -> None:
         writer.start()
+        if hasattr(store, "lookahead"):
+            # the Redis store's: the rate limiter sends this lookup with its check
+            setattr(store, "lookahead", lookahead)  # noqa: B010
         if retention is not None:
             every = min(PURGE_EVERY, max(1.0, retention / 10))
             purger.append(asyncio.create_task(purge_loop(every), name="session-purge"))
@@ -131,17 +135,45 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         purger.clear()
+        if getattr(store, "lookahead", None) is lookahead:
+            setattr(store, "lookahead", None)  # noqa: B010
         await writer.stop()
 
     api = sessions_route(store, writer.flush)
 
-    async def find(owner: str, convo: list[dict[str, Any]]) -> str | None:
+    def lookahead(ex: Exchange) -> tuple[str, str] | None:
+        """(owner, digest) of the store lookup `middleware` will make for `ex`, for the
+        rate limiter to send with its check (one round trip to Redis for both); None
+        when it will not look the store up. A turn still queued here is found here
+        then, and one written since was acknowledged before the lookup was sent."""
+        body = ex.body
+        if ex.route is not CHAT or body is None:
+            return None
+        if ex.continues_session is not None or ex.conversation_id:
+            return None
+        if ex.request.headers.get(SESSION_HEADER, "").strip():
+            return None
+        raw = body.get("messages")
+        convo = conversation(raw if isinstance(raw, list) else [])
+        if len(convo) <= 1:
+            return None
+        owner = ex.client_id
+        d = lookup_digest(owner, convo)
+        if d is None or writer.queued(owner, d) is not None:
+            return None
+        return owner, d
+
+    async def find(ex: Exchange, owner: str, convo: list[dict[str, Any]]) -> str | None:
         d = lookup_digest(owner, convo)
         if d is None:
             return None
         queued = writer.queued(owner, d)
         if queued is not None:
             return queued
+        ahead = ex.request.get(LOOKED_UP)
+        if ahead is not None and ahead[0] == owner and ahead[1] == d:
+            found: str | None = ahead[2]
+            return found
         try:
             # a deadline on this task rather than wait_for's task of its own
             async with asyncio.timeout(LOOKUP_TIMEOUT):
@@ -170,7 +202,7 @@ def session(options: SessionOptions, ctx: BuildContext) -> Feature:
             source = "elevenlabs"
         elif header:
             sid, source = client_session_id(header, SESSION_HEADER), "header"
-        elif len(convo) > 1 and (found := await find(owner, convo)) is not None:
+        elif len(convo) > 1 and (found := await find(ex, owner, convo)) is not None:
             sid, source = found, "continued"
         else:
             sid, source = new_session_id(), "new"

@@ -264,6 +264,9 @@ class RedisStore:
         self._delete_response = self._r.register_script(_DELETE_RESPONSE)
         self._raise = self._r.register_script(_RAISE)
         self._unindex = self._r.register_script(_UNINDEX)
+        # the session middleware's: which lookup a request will make, so that the
+        # rate limiter sends it with its check (proxy/sessions/middleware.py)
+        self.lookahead: Callable[[Any], tuple[str, str] | None] | None = None
 
     # -- keys --
 
@@ -302,13 +305,11 @@ class RedisStore:
     async def _eval(
         self, pipe: Pipe, script: AsyncScript, keys: list[str], args: list[Any]
     ) -> None:
-        """Queue a script in a pipeline. redis-py's cluster pipeline has no script
-        support of its own (it refuses evalsha): the command goes in raw, routed by its
-        keys, and the scripts are loaded on every master beforehand (`_pipeline`)."""
-        if self.cluster:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        else:
-            await script(keys=keys, args=args, client=pipe)
+        """Queue a script in a pipeline as a raw EVALSHA: redis-py's cluster pipeline
+        refuses evalsha, and its other pipelines ask SCRIPT EXISTS first (a round trip
+        more per batch). The scripts are loaded once beforehand, and again when a
+        server answers NOSCRIPT (`_pipeline`)."""
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _load_scripts(self) -> None:
         for text in _SCRIPTS:
@@ -320,7 +321,7 @@ class RedisStore:
         cluster); every script here may run twice (a master that restarted or was
         promoted lacks the scripts: they are loaded and the pipeline sent again)."""
         for attempt in range(2):
-            if self.cluster and not self._scripts_loaded:
+            if not self._scripts_loaded:
                 await self._load_scripts()
             async with self._r.pipeline(transaction=False) as pipe:
                 await fill(pipe)
@@ -328,7 +329,8 @@ class RedisStore:
                     result: list[Any] = await pipe.execute()
                     return result
                 except NoScriptError:
-                    if attempt or not self.cluster:
+                    # a server restarted, flushed its scripts or was promoted
+                    if attempt:
                         raise
                     self._scripts_loaded = False
         raise AssertionError("unreachable")
@@ -341,9 +343,16 @@ class RedisStore:
         return isinstance(exc, UNAVAILABLE)
 
     async def find_session(self, owner: str, digest: str) -> str | None:
-        o = _owner_key(owner)
-        found = await self._find(keys=[self._history(o) + digest], args=[self._keys(o, "")[0]])
+        script, keys, args = self.find_call(owner, digest)
+        found = await script(keys=keys, args=args)
         return str(found) if found else None
+
+    def find_call(self, owner: str, digest: str) -> tuple[AsyncScript, list[str], list[str]]:
+        """The script, keys and arguments of `find_session`, for a caller that sends
+        it in a round trip of its own (the rate limiter's check: proxy/ratelimit/
+        redis.py). Its answer: the session id, or None (nil)."""
+        o = _owner_key(owner)
+        return self._find, [self._history(o) + digest], [self._keys(o, "")[0]]
 
     async def record_turns(self, records: Sequence[TurnRecord]) -> None:
         if not records:
