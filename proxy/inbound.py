@@ -165,6 +165,21 @@ class ClientConnection(RequestHandler):
         )
         self.force_close()  # the transport sends what it holds, then closes
 
+    def streaming(self) -> None:
+        """A response that may last (an event stream) has started: the timers armed
+        for a connection that is idle or receiving a head are not needed until it
+        ends, so they are cancelled rather than left holding memory for the stream's
+        life (with uvloop about 530 bytes each). aiohttp arms its keep-alive timer
+        again once the response is out; the next head's first byte arms the head
+        timer again."""
+        if self._head_started is None and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        keepalive = self._keepalive_handle
+        if keepalive is not None:
+            keepalive.cancel()
+            self._keepalive_handle = None
+
     def abandon_body(self) -> None:
         """The rest of this request's body will not be read: close the connection once
         the answer is out rather than wait (aiohttp's lingering) for bytes that stopped

@@ -17,6 +17,7 @@ from proxy.backend import BodyTooLarge, ClientError
 from proxy.encoding import CannotDecode, Decoder, content_encoding, decode_whole, undecodable
 from proxy.errors import ProxyError, sse_error_event
 from proxy.exchange import Exchange
+from proxy.inbound import ClientConnection
 from proxy.metrics import STREAMS
 from proxy.routing import Upstream
 from proxy.transform import CONTENT_TOKEN, MAX_EVENT_BYTES, EventTooLarge, StreamTransformer
@@ -59,7 +60,12 @@ async def relay(
     ctype = resp.headers.get("content-type", "application/json")
     if ctype.startswith("text/event-stream"):
         ex.stream = True
-        return await _relay_stream(ex, up, resp, first, keepalive, decoder)
+        out = await _open_stream(ex, resp)
+        STREAMS.inc()
+        try:
+            return await _pump(ex, up, resp, first, keepalive, out, decoder)
+        finally:
+            STREAMS.dec()
     ex.first_token = ex.ttfb
     if ex.stream_opener is not None and not ex.stream_opener.claim_body():
         # the client has an event stream already (a filler): a body cannot follow it
@@ -193,14 +199,11 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-async def _relay_stream(
-    ex: Exchange,
-    up: Upstream,
-    resp: Response,
-    first: bytes,
-    keepalive_seconds: float,
-    decoder: Decoder | None,
-) -> web.StreamResponse:
+async def _open_stream(ex: Exchange, resp: Response) -> web.StreamResponse:
+    """The client's event stream, started (its status and headers sent). A coroutine
+    of its own so that nothing of the opening (the headers built) stays alive in a
+    frame for the stream's life; and the client connection's timers for a head or
+    an idle connection are stopped until the stream ends."""
     headers = dict(ex.response_headers)
     headers.update(SSE_HEADERS)
     if ex.stream_opener is not None:
@@ -208,11 +211,10 @@ async def _relay_stream(
     else:
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(ex.request)
-    STREAMS.inc()
-    try:
-        return await _pump(ex, up, resp, first, keepalive_seconds, out, decoder)
-    finally:
-        STREAMS.dec()
+    protocol = ex.request.protocol
+    if isinstance(protocol, ClientConnection):
+        protocol.streaming()
+    return out
 
 
 # a finish_reason with a value, as JSON encoders write it
@@ -242,8 +244,9 @@ async def _pump(
     chunk = first
     boundary = True
     silent = 0.0
-    # how the raw relay tells a stream that ended from one cut short: the last two
-    # reads (for `[DONE]`) and the finish_reasons seen
+    # how the raw relay tells a stream that ended from one cut short: the end of the
+    # last read and, when that read is short, the end of the one before (for
+    # `[DONE]`; no whole earlier read kept alive), and the finish_reasons seen
     last = before = b""
     finishes = 0
     try:
@@ -258,11 +261,13 @@ async def _pump(
                 boundary = chunk.endswith(_BOUNDARIES)
                 if b"finish_reason" in chunk:
                     finishes += chunk.count(_FINISH) + chunk.count(_FINISH_SPACED)
-                before, last = last, chunk
+                before = last[-64:] if len(chunk) < 128 else b""
+                last = chunk
             else:
                 data = transformer.feed(chunk)
                 if data:
                     await out.write(data)
+                    data = b""  # not kept while the next read waits
                 boundary = not transformer.pending.buf
             silent = 0.0
             while True:

@@ -67,7 +67,19 @@ class Response:
         while not c._body:
             if c._state == _DONE:
                 return b""
-            await c._wait(timeout)
+            # the wait of `_Conn._wait`, written out: a stream waits here between its
+            # events, and a coroutine of its own would be alive all that time
+            if c._error is not None:
+                raise c._error
+            loop = c.pool.loop
+            waiter = loop.create_future()
+            c._waiter = waiter
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                c._waiter = None
         body = c._body
         data = body[0] if len(body) == 1 else b"".join(body)
         c._body = []
