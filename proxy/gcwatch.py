@@ -12,26 +12,31 @@ full collection long is how many tracked objects live. What survives a full
 collection is frozen too (`survivors`, the default): long-lived data (the memory
 store's sessions, caches, connections kept alive) is walked once, by the first full
 collection after it was made, and never again, so a full collection walks only what
-was promoted since the last one. Measured (bench/gc_thresholds.py, c=64 for 24 s,
-the full chain; bench/results/gc-thresholds.md): with the memory store the longest
-full collection took 123 ms of CPU with the start-up objects alone frozen (every
-session walked, more of them each time), 3-5 ms with the survivors frozen; with the
-SQLite store about 1 ms either way.
+was promoted since the last one; and full collections come every second young
+collection of the middle generation (thresholds 700, 10, 2) rather than every tenth,
+so that each walks less. Measured (bench/gc_thresholds.py, the full chain at c=64
+for 24 s, the machine otherwise idle; bench/results/gc-thresholds.md), the longest
+pause with the SQLite store / the memory store:
 
-The price: cyclic garbage that holds an object frozen while it was alive (an object
-of a request in flight at a full collection, say) is never found. Measured with
-bench/soak.py's mixed traffic (errors, clients leaving mid-stream), about 430
-objects a minute. So every `CHAT_PROXY_GC_UNFREEZE_SECONDS` (600) everything is
-put back once, and the next full collection walks the whole heap and frees them (a
-longer pause, once in that period: a few ms for the proxy's own start-up objects,
-plus about 85 ns for each object a memory store holds).
+- nothing frozen: 24 / 147 ms (p99 2.1 / 6.0 times the bare relay's);
+- start-up objects frozen: 2.3 / 111 ms (the memory store's sessions walked by every
+  full collection, more of them each time; p99 1.0 / 3.9 times);
+- survivors frozen, Python's thresholds (700, 10, 10): 2.2 / 3.0 ms (p99 1.0 / 1.0);
+- survivors frozen, (700, 10, 2): 1.8 / 1.3 ms (p99 1.0 / 0.9), the same throughput;
+  and with 10,000 streams opening over 10 s (two workers), 29 ms instead of 64 ms of
+  CPU for the longest full collection;
+- larger young thresholds, (10,000, 5, 100) or (50,000, 20, 100): 0.8 / 13 ms and
+  0 / 11 ms: with the memory store every request leaves survivors that each young
+  collection walks again; with SQLite they spare the 5-7% of throughput that the
+  many short young collections cost.
 
-The thresholds are left at Python's (700, 10, 10), by the same measurement: with
-the memory store every young collection's survivors are walked again by the older
-generations, so larger thresholds made young collections long (10,000/5/100: 3 ms
-for gen0, 14 ms for gen1; 20,000/5/100: 8 and 29 ms; 700/10/10: at most about
-1.3 ms); with the SQLite store they only spare the 1-4% of CPU time the many short
-young collections cost.
+The price of freezing survivors: cyclic garbage that holds an object frozen while it
+was alive (an object of a request in flight at a full collection) is never found.
+Measured with bench/soak.py's mixed traffic (errors, clients leaving mid-stream):
+about 430 objects a minute. So every `CHAT_PROXY_GC_UNFREEZE_SECONDS` (600)
+everything is put back once, and the next full collection walks the whole heap and
+frees them: one longer pause in that period (a few ms for the proxy's own start-up
+objects, plus every object a memory store or the streams in flight hold).
 """
 
 from __future__ import annotations
@@ -65,8 +70,10 @@ LONGEST = Gauge(
 # otherwise). The pause is wall time, what every stream in flight waits; the CPU time
 # is the collector's own, less any time the process was not running.
 LOG_ENV = "CHAT_PROXY_GC_LOG"
-# the collector's thresholds, `gen0,gen1,gen2` (gc.set_threshold); Python's by default
+# the collector's thresholds, `gen0,gen1,gen2` (gc.set_threshold); with survivors
+# frozen, THRESHOLD by default
 THRESHOLD_ENV = "CHAT_PROXY_GC_THRESHOLD"
+THRESHOLD = (700, 10, 2)
 # what is frozen: `survivors` (the default: start-up objects, then what survives each
 # full collection), `startup` (start-up objects only) or `0` (nothing)
 FREEZE_ENV = "CHAT_PROXY_GC_FREEZE"
@@ -166,6 +173,8 @@ def freeze() -> None:
     gc.collect()
     gc.freeze()
     if mode == "survivors":
+        if not os.environ.get(THRESHOLD_ENV):
+            gc.set_threshold(*THRESHOLD)  # a full collection now walks little: more often
         _unfreeze_every = float(os.environ.get(UNFREEZE_ENV) or UNFREEZE_SECONDS)
         _unfrozen_at = time.monotonic()
         _survivors = True
