@@ -922,6 +922,15 @@ class Bench:
             self.stop_target(t)
             self.procs.stop(backend)
 
+    def limits(self) -> dict[str, Any]:
+        """bench/limits.py: a full backend pool and the open-file limit reached."""
+        out = self.run / "limits.json"
+        self.procs.run_tool(
+            [str(PROJECT_PY), str(BENCH / "limits.py"), "--output", str(out)], timeout=180
+        )
+        res: dict[str, Any] = json.loads(out.read_text())
+        return res
+
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
@@ -1240,6 +1249,7 @@ def checks(
     streams: dict[str, Any],
     args: argparse.Namespace,
     streams10k: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     T = results
     out: list[dict[str, Any]] = []
@@ -1395,6 +1405,34 @@ def checks(
             f"p50 {fmt(g(s, 'delay_ms', '50'), 1)}, max {fmt(g(s, 'delay_ms', 'max'), 1)} ms; "
             f"{s['events_measured']:,} events; {describe_gc(s['gc'])}",
         )
+    pool = g(limits, "pool_full")
+    if pool:
+        # clear: the answer names the limit, and a metric tells it from a backend down
+        named = "max_connections" in pool["body"] or "pool" in pool["body"].lower()
+        counted = [m for m in pool["metrics"] if "upstream_errors_total" in m]
+        apart = any('kind="connect_timeout"' not in m for m in counted)
+        add(
+            "backend pool full: an error that names the limit, and a metric of its own",
+            1.0 if named and apart else 0.0,
+            ">=",
+            1,
+            "yes/no",
+            f"HTTP {pool['status']} after {pool['waited_seconds']} s: "
+            f"{pool['body'][:160]}; counted: {', '.join(counted) or 'nothing'}",
+        )
+    fds = g(limits, "descriptors")
+    if fds:
+        dropped = {k: v for k, v in fds["outcomes"].items() if not k.startswith("HTTP/")}
+        said = bool(fds["log"]) or any("accept" in m or "descriptor" in m for m in fds["metrics"])
+        add(
+            "open-file limit reached: a log line and a metric",
+            1.0 if said or not dropped else 0.0,
+            ">=",
+            1,
+            "yes/no",
+            f"limit {fds['open_file_limit']}: {fds['clients']} clients, {fds['outcomes']}; "
+            f"log: {len(fds['log'])} lines; served again after: {fds.get('after')}",
+        )
     full = g(T, "chat-proxy full", "json_c64", "rps")
     add(
         "full chain / LiteLLM, req/s at c=64",
@@ -1488,6 +1526,10 @@ def markdown(report: dict[str, Any]) -> str:
             res = "not measured"
         digits = 3 if c["unit"] == "ms" else (0 if c["unit"] == "/s" else 2)
         val = fmt(c["value"], digits)
+        if c["unit"] == "yes/no":
+            val = "-" if c["value"] is None else ("yes" if c["value"] else "no")
+            lines.append(f"| {c['target']} | {val} | yes | {res} | {c['note']} |")
+            continue
         lines.append(
             f"| {c['target']} | {val} {c['unit']} | {c['op']} {fmt(c['limit'], 0 if c['limit'] >= 10 else 1)} {c['unit']} | {res} | {c['note']} |"
         )
@@ -1556,6 +1598,11 @@ def main() -> int:
         help="skip the 10,000-stream scenario (two workers)",
     )
     parser.add_argument("--streams10k", type=int, default=10000, help="streams at once")
+    parser.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="skip the limits scenario (a full backend pool, the open-file limit)",
+    )
     parser.add_argument("--streams10k-events", type=int, default=30)
     parser.add_argument("--streams10k-interval", type=float, default=1.0)
     parser.add_argument(
@@ -1702,6 +1749,14 @@ def main() -> int:
                     s = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
                 streams10k[config] = s
                 say("  " + (s["skipped"] if "skipped" in s else describe_10k(s)))
+        limits: dict[str, Any] = {}
+        if not args.no_limits and (not selected or "chat-proxy" in selected):
+            say("limits: a full backend pool, the open-file limit")
+            try:
+                limits = bench.limits()
+            except Exception as exc:
+                limits = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
+            say("  " + json.dumps(limits)[:600])
         procs.stop_all()  # the backends too: what is left running now is not ours
         load_after = os.getloadavg()[0]
         other = other_work(stat0, times0)
@@ -1719,8 +1774,9 @@ def main() -> int:
             "results": results,
             "streams": streams,
             "streams10k": streams10k,
+            "limits": limits,
         }
-        report["checks"] = checks(results, streams, args, streams10k)
+        report["checks"] = checks(results, streams, args, streams10k, limits)
         text = markdown(report)
         report["markdown"] = text
         out = Path(args.output)

@@ -12,12 +12,14 @@
   clients get (an answer, a reset, or nothing within 5 s), what the log says, and
   whether a request is served again once the connections are closed.
 
-Prints one JSON object and writes bench/results/limits.json. Bounded: about 30 s;
+Prints one JSON object and writes it to `--output` (bench/results/limits.json);
+bench/bench.py runs it as its `limits` scenario. Bounded: about 30 s;
 every process it starts is stopped at the end.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -218,6 +220,9 @@ def descriptors(run: Path, slow: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(BENCH / "results" / "limits.json"))
+    args = parser.parse_args()
     run = Path(tempfile.mkdtemp(prefix="chat-proxy-bench-limits-"))
     slow = free_port()
     backend = subprocess.Popen(
@@ -242,7 +247,7 @@ def main() -> int:
         shutil.rmtree(run, ignore_errors=True)
     text = json.dumps(report, indent=1)
     print(text)
-    (BENCH / "results" / "limits.json").write_text(text + "\n")
+    Path(args.output).write_text(text + "\n")
     return 0
 
 
