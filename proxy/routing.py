@@ -290,7 +290,7 @@ class Upstreams:
         self.all = [Upstream(c) for c in configs]
         # any fleet that balances by affinity: requests need their affinity key
         self.affinity = any(u.fleet and u.balance == "affinity" for u in self.all)
-        self.admission = Admission(queue or QueueConfig())
+        self.admission: Admission[Upstream, Replica] = Admission(queue or QueueConfig())
         self._matches: dict[str, list[Upstream]] = {}
         self.keepalive = 0.0
         self.max_response_bytes = 64 * 1024 * 1024

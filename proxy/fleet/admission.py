@@ -20,22 +20,38 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.config import QueueConfig
 from proxy.errors import ProxyError
 
-if TYPE_CHECKING:
-    from proxy.routing import Replica, Upstream
+
+class Seat(Protocol):
+    """What admission counts on a replica."""
+
+    in_flight: int
 
 
-class Waiter:
+R = TypeVar("R", bound=Seat)
+R_co = TypeVar("R_co", bound=Seat, covariant=True)
+
+
+class Seats(Protocol[R_co]):
+    """What admission asks of an upstream: a replica with room, for an affinity key."""
+
+    def choose(self, point: int | None) -> R_co | None: ...
+
+
+U = TypeVar("U", bound=Seats[Any])
+
+
+class Waiter(Generic[U, R]):
     __slots__ = ("future", "key", "point", "priority", "queued", "tag", "upstreams", "weight")
 
     def __init__(
         self,
-        future: asyncio.Future[tuple[Upstream, Replica]],
-        upstreams: Sequence[Upstream],
+        future: asyncio.Future[tuple[U, R]],
+        upstreams: Sequence[U],
         point: int | None,
         key: str,
         tag: float,
@@ -58,12 +74,12 @@ class _Level:
     __slots__ = ("keys", "last_tag", "vtime")
 
     def __init__(self) -> None:
-        self.keys: dict[str, deque[Waiter]] = {}
+        self.keys: dict[str, deque[Waiter[Any, Any]]] = {}
         self.last_tag: dict[str, float] = {}
         self.vtime = 0.0
 
 
-class Admission:
+class Admission(Generic[U, R]):
     def __init__(self, cfg: QueueConfig) -> None:
         self.max_waiting = cfg.max_waiting
         self.max_wait = cfg.max_wait_seconds
@@ -73,12 +89,12 @@ class Admission:
 
     async def wait(
         self,
-        upstreams: Sequence[Upstream],
+        upstreams: Sequence[U],
         point: int | None,
         key: str,
         priority: int,
         weight: float,
-    ) -> tuple[Upstream, Replica]:
+    ) -> tuple[U, R]:
         """Wait for a slot on one of `upstreams` (each full now); the replica comes
         reserved (its in_flight counted). 429 when the queue is full (for this
         key: see above), 503 when the wait is over."""
@@ -97,8 +113,8 @@ class Admission:
         tag = start + 1.0 / weight
         level.last_tag[key] = tag
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[Upstream, Replica]] = loop.create_future()
-        waiter = Waiter(future, upstreams, point, key, start, priority, weight)
+        future: asyncio.Future[tuple[U, R]] = loop.create_future()
+        waiter: Waiter[U, R] = Waiter(future, upstreams, point, key, start, priority, weight)
         queue = level.keys.get(key)
         if queue is None:
             queue = level.keys[key] = deque()
@@ -139,12 +155,12 @@ class Admission:
             headers={"Retry-After": "1", "retry-after-ms": "1000"},
         )
 
-    def _victim(self, key: str, priority: int, weight: float) -> Waiter | None:
+    def _victim(self, key: str, priority: int, weight: float) -> Waiter[Any, Any] | None:
         """The waiter an arrival of `key` pushes out of a full queue, if any."""
         level = self._levels.get(priority)
         mine = (len(level.keys.get(key, ())) + 1) / weight if level is not None else 1 / weight
         best: tuple[int, float] | None = None
-        victim: Waiter | None = None
+        victim: Waiter[Any, Any] | None = None
         for p, other in self._levels.items():
             for k, queue in other.keys.items():
                 if k == key or not queue:
@@ -158,13 +174,13 @@ class Admission:
             return victim
         return None
 
-    def released(self, up: Upstream) -> None:
+    def released(self, up: U) -> None:
         """A slot of `up` is free: hand it to the first waiter that may use it."""
         if not self.waiting:
             return
         for priority in self._order:
             level = self._levels[priority]
-            best: Waiter | None = None
+            best: Waiter[Any, Any] | None = None
             for queue in level.keys.values():
                 for waiter in queue:
                     if up in waiter.upstreams:
@@ -182,7 +198,7 @@ class Admission:
             best.future.set_result((up, replica))
             return
 
-    def _leave(self, waiter: Waiter) -> None:
+    def _leave(self, waiter: Waiter[Any, Any]) -> None:
         if not waiter.queued:
             return
         waiter.queued = False
