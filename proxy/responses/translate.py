@@ -1,5 +1,8 @@
 """A Responses API request (POST /v1/responses) as a Chat Completions request.
 
+The top-level parameters are here; the input items are in items.py, the tools, the
+tool choice and the text format in tools.py, the small value checks in checks.py.
+
 `to_chat(body)` returns a `ChatCall`: the chat body to send, and what answering needs
 (the fields a Response object echoes, the declared tools, whether logprobs were asked
 for). It raises `ProxyError` 400 for what a chat backend cannot do, naming the
@@ -79,12 +82,23 @@ How each parameter goes over:
 
 from __future__ import annotations
 
-import math
-import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from proxy.errors import ProxyError, invalid_type, invalid_value
+from proxy.responses.checks import (
+    array,
+    boolean,
+    integer,
+    mapping,
+    missing,
+    number,
+    opt_string,
+    string,
+    unsupported,
+)
+from proxy.responses.items import translate_input
+from proxy.responses.tools import translate_text, translate_tool_choice, translate_tools
 
 ExtraParams = Literal["reject", "allow", "drop"]
 
@@ -158,59 +172,6 @@ CHAT_ONLY = {
     "reasoning_effort": "use 'reasoning.effort'",
     "verbosity": "use 'text.verbosity'",
 }
-
-# Why a tool type other than function cannot be served by a chat backend.
-HOSTED_TOOLS = {
-    "web_search": "web search",
-    "web_search_preview": "web search",
-    "web_search_2025_08_26": "web search",
-    "web_search_preview_2025_03_11": "web search",
-    "file_search": "file search over OpenAI vector stores",
-    "code_interpreter": "the code interpreter",
-    "computer": "computer use",
-    "computer_use": "computer use",
-    "computer_use_preview": "computer use",
-    "mcp": "calls to remote MCP servers",
-    "image_generation": "image generation",
-    "local_shell": "the local shell tool",
-    "shell": "the shell tool",
-    "apply_patch": "the apply_patch tool",
-    "tool_search": "tool search",
-    "namespace": "tool namespaces",
-    "programmatic_tool_calling": "programmatic tool calling",
-}
-
-# Input item types produced by OpenAI's built-in tools.
-HOSTED_ITEMS = {
-    "file_search_call": "file search",
-    "computer_call": "computer use",
-    "computer_call_output": "computer use",
-    "web_search_call": "web search",
-    "image_generation_call": "image generation",
-    "code_interpreter_call": "the code interpreter",
-    "local_shell_call": "the local shell tool",
-    "local_shell_call_output": "the local shell tool",
-    "shell_call": "the shell tool",
-    "shell_call_output": "the shell tool",
-    "apply_patch_call": "the apply_patch tool",
-    "apply_patch_call_output": "the apply_patch tool",
-    "mcp_list_tools": "MCP servers",
-    "mcp_approval_request": "MCP servers",
-    "mcp_approval_response": "MCP servers",
-    "mcp_call": "MCP servers",
-    "custom_tool_call": "custom tools",
-    "custom_tool_call_output": "custom tools",
-    "tool_search_call": "tool search",
-    "tool_search_output": "tool search",
-    "additional_tools": "tool search",
-    "program": "programmatic tool calling",
-    "program_output": "programmatic tool calling",
-    "compaction": "compaction",
-    "compaction_trigger": "compaction",
-    "configuration_update": "WebSocket sessions",
-}
-
-ROLES = ("user", "system", "developer", "assistant")
 
 
 @dataclass(frozen=True)
@@ -313,74 +274,6 @@ def compose(
     return out
 
 
-# --- small checks -------------------------------------------------------------------
-
-
-def _missing(param: str, why: str = "") -> ProxyError:
-    return ProxyError(
-        400,
-        f"Missing required parameter: '{param}'." + (f" {why}" if why else ""),
-        param=param,
-        code="missing_required_parameter",
-    )
-
-
-def _unsupported(param: str, message: str, code: str = "unsupported_parameter") -> ProxyError:
-    return ProxyError(400, message, param=param, code=code)
-
-
-def _string(param: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise invalid_type(param, "a string", value)
-    return value
-
-
-def _opt_string(param: str, value: Any) -> str | None:
-    return None if value is None else _string(param, value)
-
-
-def _bool(param: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise invalid_type(param, "a boolean", value)
-    return value
-
-
-def _object(param: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise invalid_type(param, "an object", value)
-    return value
-
-
-def _array(param: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise invalid_type(param, "an array", value)
-    return value
-
-
-def _number(param: str, value: Any, lo: float, hi: float) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid_type(param, "a number", value)
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise invalid_value(param, f"a number between {lo:g} and {hi:g}", value)
-    return value
-
-
-def _integer(param: str, value: Any, lo: int, hi: int = 2**53 - 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_type(param, "an integer", value)
-    if not lo <= value <= hi:
-        raise invalid_value(param, f"an integer between {lo} and {hi}", value)
-    return value
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(24)}"
-
-
 # --- the request --------------------------------------------------------------------
 
 
@@ -409,38 +302,38 @@ def to_chat(body: dict[str, Any], *, extra_params: ExtraParams = "reject") -> Ch
 
     _refuse_unsupported(body)
 
-    model = _opt_string("model", body.get("model"))
-    stream = body.get("stream") is not None and _bool("stream", body["stream"])
-    store = body.get("store") is None or _bool("store", body["store"])
-    previous = _opt_string("previous_response_id", body.get("previous_response_id"))
-    instructions = _opt_string("instructions", body.get("instructions"))
+    model = opt_string("model", body.get("model"))
+    stream = body.get("stream") is not None and boolean("stream", body["stream"])
+    store = body.get("store") is None or boolean("store", body["store"])
+    previous = opt_string("previous_response_id", body.get("previous_response_id"))
+    instructions = opt_string("instructions", body.get("instructions"))
     metadata = _metadata(body.get("metadata"))
     if body.get("stream_options") is not None:
-        options = _object("stream_options", body["stream_options"])
+        options = mapping("stream_options", body["stream_options"])
         if not stream:
             raise invalid_value("stream_options", "set only when 'stream' is true", options)
 
     raw_input = body.get("input")
     if raw_input is None and previous is None:
-        raise _missing("input", "Send the conversation's input (a string or a list of items).")
-    input_items, messages = _input(raw_input)
+        raise missing("input", "Send the conversation's input (a string or a list of items).")
+    input_items, messages = translate_input(raw_input)
 
-    tools, chat_tools = _tools(body.get("tools"))
+    tools, chat_tools = translate_tools(body.get("tools"))
     names = frozenset(t["name"] for t in tools)
     tool_choice = body.get("tool_choice")
     tool_choice = "auto" if tool_choice is None else tool_choice
-    chat_choice, chat_tools = _tool_choice(tool_choice, names, chat_tools)
+    chat_choice, chat_tools = translate_tool_choice(tool_choice, names, chat_tools)
     parallel = body.get("parallel_tool_calls")
-    parallel = True if parallel is None else _bool("parallel_tool_calls", parallel)
+    parallel = True if parallel is None else boolean("parallel_tool_calls", parallel)
 
-    text, response_format = _text(body.get("text"))
+    text, response_format = translate_text(body.get("text"))
     include = _include(body.get("include"))
     logprobs = LOGPROBS_INCLUDE in include
-    top_logprobs = _integer("top_logprobs", body.get("top_logprobs"), 0, 20)
-    temperature = _number("temperature", body.get("temperature"), 0, 2)
-    top_p = _number("top_p", body.get("top_p"), 0, 1)
-    max_output = _integer("max_output_tokens", body.get("max_output_tokens"), 1)
-    max_tool_calls = _integer("max_tool_calls", body.get("max_tool_calls"), 0)
+    top_logprobs = integer("top_logprobs", body.get("top_logprobs"), 0, 20)
+    temperature = number("temperature", body.get("temperature"), 0, 2)
+    top_p = number("top_p", body.get("top_p"), 0, 1)
+    max_output = integer("max_output_tokens", body.get("max_output_tokens"), 1)
+    max_tool_calls = integer("max_tool_calls", body.get("max_tool_calls"), 0)
     truncation = body.get("truncation")
     if truncation is None:
         truncation = "disabled"
@@ -448,7 +341,7 @@ def to_chat(body: dict[str, Any], *, extra_params: ExtraParams = "reject") -> Ch
         raise invalid_value("truncation", "'auto' or 'disabled'", truncation)
     reasoning = None
     if body.get("reasoning") is not None:
-        reasoning = _object("reasoning", body["reasoning"])
+        reasoning = mapping("reasoning", body["reasoning"])
         for key in reasoning:
             if key not in ("effort", "summary", "generate_summary"):
                 raise ProxyError(
@@ -457,9 +350,9 @@ def to_chat(body: dict[str, Any], *, extra_params: ExtraParams = "reject") -> Ch
                     param=f"reasoning.{key}",
                     code="unknown_parameter",
                 )
-    user = _opt_string("user", body.get("user"))
-    safety = _opt_string("safety_identifier", body.get("safety_identifier"))
-    cache_key = _opt_string("prompt_cache_key", body.get("prompt_cache_key"))
+    user = opt_string("user", body.get("user"))
+    safety = opt_string("safety_identifier", body.get("safety_identifier"))
+    cache_key = opt_string("prompt_cache_key", body.get("prompt_cache_key"))
 
     chat: dict[str, Any] = {}
     if model is not None:
@@ -524,41 +417,41 @@ def to_chat(body: dict[str, Any], *, extra_params: ExtraParams = "reject") -> Ch
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("background") is not None and _bool("background", body["background"]):
-        raise _unsupported(
+    if body.get("background") is not None and boolean("background", body["background"]):
+        raise unsupported(
             "background",
             "Background responses are not supported: the proxy answers within the request "
             "(stream it for long answers).",
         )
     if body.get("background_options") is not None:
-        raise _unsupported(
+        raise unsupported(
             "background_options",
             "Background responses are not supported: the proxy answers within the request.",
         )
     if body.get("conversation") is not None:
-        raise _unsupported(
+        raise unsupported(
             "conversation",
             "Conversations objects are not supported: continue a conversation with "
             "'previous_response_id'.",
         )
     if body.get("prompt") is not None:
-        raise _unsupported(
+        raise unsupported(
             "prompt",
             "Prompt templates are not supported: they are stored at OpenAI. Send the "
             "prompt as 'instructions' and 'input'.",
         )
     if body.get("context_management"):
-        raise _unsupported(
+        raise unsupported(
             "context_management",
             "Context management (compaction) is not supported by chat backends.",
         )
     if body.get("moderation") is not None:
-        raise _unsupported(
+        raise unsupported(
             "moderation", "Moderation is not supported: the proxy runs no moderation model."
         )
     options = body.get("prompt_cache_options")
     if isinstance(options, dict) and options.get("prewarm") is True:
-        raise _unsupported(
+        raise unsupported(
             "prompt_cache_options.prewarm",
             "Prewarming the prompt cache is not supported: every request here generates.",
         )
@@ -568,8 +461,8 @@ def _include(value: Any) -> list[str]:
     if value is None:
         return []
     include = []
-    for i, raw in enumerate(_array("include", value)):
-        name = _string(f"include[{i}]", raw)
+    for i, raw in enumerate(array("include", value)):
+        name = string(f"include[{i}]", raw)
         if name not in INCLUDABLE:
             expected = "one of " + ", ".join(f"'{v}'" for v in sorted(INCLUDABLE))
             raise invalid_value(f"include[{i}]", expected, name)
@@ -580,463 +473,7 @@ def _include(value: Any) -> list[str]:
 def _metadata(value: Any) -> dict[str, str]:
     if value is None:
         return {}
-    doc = _object("metadata", value)
+    doc = mapping("metadata", value)
     for key, item in doc.items():
-        _string(f"metadata.{key}", item)
+        string(f"metadata.{key}", item)
     return dict(doc)
-
-
-# --- input --------------------------------------------------------------------------
-
-
-def _input(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The input as stored items and as chat messages."""
-    if value is None:
-        return [], []
-    if isinstance(value, str):
-        item = {
-            "id": _new_id("msg"),
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": value}],
-            "status": "completed",
-        }
-        return [item], [{"role": "user", "content": value}]
-    items = _array("input", value)
-    stored: list[dict[str, Any]] = []
-    messages: list[dict[str, Any]] = []
-    for i, raw in enumerate(items):
-        where = f"input[{i}]"
-        item = _object(where, raw)
-        kind = item.get("type")
-        if kind is None and "role" in item:
-            kind = "message"
-        if kind is None:
-            raise _missing(
-                f"{where}.type", "An input item needs a type (or a role, for a message)."
-            )
-        if kind == "message":
-            stored_item, message = _message(where, item)
-            stored.append(stored_item)
-            messages.append(message)
-        elif kind == "function_call":
-            stored_item, call = _function_call(where, item)
-            stored.append(stored_item)
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":
-                last.setdefault("tool_calls", []).append(call)
-                if last.get("content") == "":
-                    last["content"] = None
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            stored_item, message = _function_output(where, item)
-            stored.append(stored_item)
-            messages.append(message)
-        elif kind == "reasoning":
-            stored.append(_reasoning(where, item))
-        elif kind == "item_reference":
-            raise _unsupported(
-                where,
-                f"Input item {where} is an item_reference: items are referenced by id only in "
-                "OpenAI's own store. Send the item itself, or continue with "
-                "'previous_response_id'.",
-                "unsupported_input",
-            )
-        elif isinstance(kind, str) and kind in HOSTED_ITEMS:
-            raise _unsupported(
-                where,
-                f"Input item {where} of type '{kind}' belongs to {HOSTED_ITEMS[kind]}, a "
-                "built-in OpenAI tool that chat backends do not have.",
-                "unsupported_input",
-            )
-        else:
-            raise _unsupported(
-                f"{where}.type",
-                f"Input item {where} of type {kind!r} cannot be translated to Chat "
-                "Completions: the types supported are message, function_call, "
-                "function_call_output and reasoning.",
-                "unsupported_input",
-            )
-    return stored, messages
-
-
-def _message(where: str, item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    role = item.get("role")
-    if role is None:
-        raise _missing(f"{where}.role")
-    if role not in ROLES:
-        if not isinstance(role, str):
-            raise invalid_type(f"{where}.role", "a string", role)
-        raise invalid_value(
-            f"{where}.role", "one of 'user', 'system', 'developer' or 'assistant'", role
-        )
-    content = item.get("content")
-    if content is None:
-        raise _missing(f"{where}.content")
-    assistant = role == "assistant"
-    if isinstance(content, str):
-        parts = [{"type": "output_text" if assistant else "input_text", "text": content}]
-    else:
-        parts = _array(f"{where}.content", content)
-    stored_parts: list[dict[str, Any]] = []
-    chat_parts: list[dict[str, Any]] = []
-    for k, raw in enumerate(parts):
-        stored_part, chat_part = _part(f"{where}.content[{k}]", raw, role)
-        stored_parts.append(stored_part)
-        chat_parts.append(chat_part)
-    stored: dict[str, Any] = {
-        "id": item.get("id") if isinstance(item.get("id"), str) else _new_id("msg"),
-        "type": "message",
-        "role": role,
-        "content": stored_parts,
-        "status": "completed",
-    }
-    chat_role = "system" if role == "developer" else role
-    texts = [p["text"] for p in chat_parts if p["type"] == "text"]
-    chat_content: str | list[dict[str, Any]]
-    if len(texts) == len(chat_parts) and (chat_role != "user" or len(texts) == 1):
-        chat_content = ("" if assistant else "\n").join(texts)
-    else:
-        chat_content = chat_parts
-    return stored, {"role": chat_role, "content": chat_content}
-
-
-def _part(where: str, raw: Any, role: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    part = _object(where, raw)
-    kind = part.get("type")
-    if kind is None:
-        raise _missing(f"{where}.type")
-    assistant = role == "assistant"
-    if kind in ("input_text", "output_text"):
-        text = _string(f"{where}.text", part.get("text"))
-        if kind == "output_text" and not assistant:
-            raise _unsupported(
-                f"{where}.type",
-                f"Content part {where} of type 'output_text' belongs in an assistant "
-                "message; use 'input_text'.",
-                "invalid_value",
-            )
-        stored = (
-            {"type": "output_text", "text": text, "annotations": []}
-            if assistant
-            else {
-                "type": "input_text",
-                "text": text,
-            }
-        )
-        return stored, {"type": "text", "text": text}
-    if kind == "refusal":
-        if not assistant:
-            raise _unsupported(
-                f"{where}.type",
-                f"Content part {where} of type 'refusal' belongs in an assistant message.",
-                "invalid_value",
-            )
-        text = _string(f"{where}.refusal", part.get("refusal"))
-        # chat backends have no refusal field; the model sees what it said as text
-        return {"type": "refusal", "refusal": text}, {"type": "text", "text": text}
-    if kind == "input_image":
-        if role != "user":
-            raise _unsupported(
-                where,
-                f"Content part {where} is an image in a {role} message: chat backends take "
-                "images in user messages only.",
-                "unsupported_input",
-            )
-        if part.get("file_id") is not None:
-            raise _unsupported(
-                f"{where}.file_id",
-                f"Content part {where} names an image by file_id: the proxy has no files "
-                "API. Send the image as 'image_url' (a URL or a data: URL).",
-                "unsupported_input",
-            )
-        url = part.get("image_url")
-        if url is None:
-            raise _missing(f"{where}.image_url", "An image needs an image_url.")
-        _string(f"{where}.image_url", url)
-        detail = part.get("detail")
-        image: dict[str, Any] = {"url": url}
-        if detail is not None:
-            image["detail"] = _string(f"{where}.detail", detail)
-        return (
-            {"type": "input_image", "image_url": url, "detail": detail or "auto"},
-            {"type": "image_url", "image_url": image},
-        )
-    if kind == "input_file":
-        raise _unsupported(
-            where,
-            f"Content part {where} is a file (input_file): chat backends cannot read "
-            "documents, and the proxy does not extract their text. Send the text as "
-            "'input_text'.",
-            "unsupported_input",
-        )
-    if kind == "input_audio":
-        raise _unsupported(
-            where,
-            f"Content part {where} is audio (input_audio): the chat backends behind this "
-            "proxy take no audio input.",
-            "unsupported_input",
-        )
-    raise _unsupported(
-        f"{where}.type",
-        f"Content part {where} of type {kind!r} cannot be translated: the types supported "
-        "are input_text, input_image, and output_text and refusal in assistant messages.",
-        "unsupported_input",
-    )
-
-
-def _function_call(where: str, item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    call_id = item.get("call_id")
-    if call_id is None:
-        raise _missing(f"{where}.call_id")
-    _string(f"{where}.call_id", call_id)
-    name = item.get("name")
-    if name is None:
-        raise _missing(f"{where}.name")
-    _string(f"{where}.name", name)
-    arguments = item.get("arguments")
-    if arguments is None:
-        raise _missing(f"{where}.arguments")
-    _string(f"{where}.arguments", arguments)
-    stored = {
-        "id": item.get("id") if isinstance(item.get("id"), str) else _new_id("fc"),
-        "type": "function_call",
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-        "status": "completed",
-    }
-    return stored, {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
-
-
-def _function_output(where: str, item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    call_id = item.get("call_id")
-    if call_id is None:
-        raise _missing(
-            f"{where}.call_id", "A function_call_output answers the function_call of that call_id."
-        )
-    _string(f"{where}.call_id", call_id)
-    output = item.get("output")
-    if output is None:
-        raise _missing(f"{where}.output")
-    if isinstance(output, str):
-        text = output
-    else:
-        texts = []
-        for k, raw in enumerate(_array(f"{where}.output", output)):
-            part = _object(f"{where}.output[{k}]", raw)
-            kind = part.get("type")
-            if kind in ("input_text", "output_text"):
-                texts.append(_string(f"{where}.output[{k}].text", part.get("text")))
-            else:
-                raise _unsupported(
-                    f"{where}.output[{k}]",
-                    f"Part {where}.output[{k}] of type {kind!r}: a chat tool message carries "
-                    "text only, so a function's output can hold input_text parts only.",
-                    "unsupported_input",
-                )
-        text = "".join(texts)
-    stored = {
-        "id": item.get("id") if isinstance(item.get("id"), str) else _new_id("fco"),
-        "type": "function_call_output",
-        "call_id": call_id,
-        "output": output,
-        "status": "completed",
-    }
-    return stored, {"role": "tool", "tool_call_id": call_id, "content": text}
-
-
-def _reasoning(where: str, item: dict[str, Any]) -> dict[str, Any]:
-    stored = dict(item)
-    if not isinstance(stored.get("id"), str):
-        stored["id"] = _new_id("rs")
-    summary = stored.get("summary")
-    stored["summary"] = _array(f"{where}.summary", summary) if summary is not None else []
-    return stored
-
-
-# --- tools --------------------------------------------------------------------------
-
-
-def _tools(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The function tools as echoed, and as chat tools."""
-    if value is None:
-        return [], []
-    echoed: list[dict[str, Any]] = []
-    chat: list[dict[str, Any]] = []
-    for i, raw in enumerate(_array("tools", value)):
-        where = f"tools[{i}]"
-        tool = _object(where, raw)
-        kind = tool.get("type")
-        if kind is None:
-            raise _missing(f"{where}.type")
-        if kind != "function":
-            what = HOSTED_TOOLS.get(kind) if isinstance(kind, str) else None
-            if kind == "custom":
-                why = (
-                    "custom tools take free-form input under a grammar, and chat backends "
-                    "call only functions with JSON arguments. Declare it as a tool of type "
-                    "'function'."
-                )
-            elif what is not None:
-                why = (
-                    f"it is {what}, a tool OpenAI runs on its own servers; the backends "
-                    "behind this proxy only call functions that the client defines and "
-                    "runs (tools of type 'function')."
-                )
-            else:
-                why = "only tools of type 'function' can be translated to Chat Completions."
-            raise _unsupported(
-                f"{where}.type",
-                f"The tool {where} of type {kind!r} is not supported: {why}",
-                "unsupported_tool",
-            )
-        name = tool.get("name")
-        if name is None:
-            if isinstance(tool.get("function"), dict):
-                raise _unsupported(
-                    f"{where}.name",
-                    f"The tool {where} has the Chat Completions shape: in the Responses API a "
-                    'function tool is flat ({"type": "function", "name", "parameters", '
-                    "...}).",
-                    "missing_required_parameter",
-                )
-            raise _missing(f"{where}.name")
-        _string(f"{where}.name", name)
-        description = _opt_string(f"{where}.description", tool.get("description"))
-        parameters = tool.get("parameters")
-        if parameters is not None:
-            _object(f"{where}.parameters", parameters)
-        strict = tool.get("strict")
-        if strict is not None:
-            _bool(f"{where}.strict", strict)
-        function: dict[str, Any] = {"name": name}
-        if description is not None:
-            function["description"] = description
-        if parameters is not None:
-            function["parameters"] = parameters
-        if strict is not None:
-            function["strict"] = strict
-        chat.append({"type": "function", "function": function})
-        echoed.append(
-            {
-                "type": "function",
-                "name": name,
-                "description": description,
-                "parameters": parameters,
-                "strict": strict,
-            }
-        )
-    return echoed, chat
-
-
-def _tool_choice(
-    value: Any, names: frozenset[str], chat_tools: list[dict[str, Any]]
-) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
-    """Chat's tool_choice, and the chat tools (filtered for allowed_tools)."""
-    if isinstance(value, str):
-        if value not in ("auto", "none", "required"):
-            raise invalid_value("tool_choice", "'auto', 'none', 'required' or an object", value)
-        if value == "required" and not names:
-            raise ProxyError(
-                400,
-                "Invalid value for 'tool_choice': 'required' needs at least one tool in 'tools'.",
-                param="tool_choice",
-                code="invalid_value",
-            )
-        return value, chat_tools
-    choice = _object("tool_choice", value)
-    kind = choice.get("type")
-    if kind == "function":
-        name = choice.get("name")
-        if name is None:
-            raise _missing("tool_choice.name")
-        _string("tool_choice.name", name)
-        if name not in names:
-            raise invalid_value("tool_choice.name", "the name of a function in 'tools'", name)
-        return {"type": "function", "function": {"name": name}}, chat_tools
-    if kind == "allowed_tools":
-        mode = choice.get("mode")
-        if mode not in ("auto", "required"):
-            raise invalid_value("tool_choice.mode", "'auto' or 'required'", mode)
-        allowed: set[str] = set()
-        for i, raw in enumerate(_array("tool_choice.tools", choice.get("tools"))):
-            where = f"tool_choice.tools[{i}]"
-            entry = _object(where, raw)
-            if entry.get("type") != "function":
-                raise _unsupported(
-                    f"{where}.type",
-                    f"The allowed tool {where} of type {entry.get('type')!r} is not supported: "
-                    "only tools of type 'function' exist here.",
-                    "unsupported_tool",
-                )
-            name = _string(f"{where}.name", entry.get("name"))
-            if name not in names:
-                raise invalid_value(f"{where}.name", "the name of a function in 'tools'", name)
-            allowed.add(name)
-        kept = [t for t in chat_tools if t["function"]["name"] in allowed]
-        return mode, kept
-    what = HOSTED_TOOLS.get(kind) if isinstance(kind, str) else None
-    if kind == "custom" or what is not None:
-        raise _unsupported(
-            "tool_choice.type",
-            f"tool_choice of type {kind!r} is not supported: only function tools exist here.",
-            "unsupported_tool",
-        )
-    raise invalid_value(
-        "tool_choice.type", "'function' or 'allowed_tools' (or a string mode)", kind
-    )
-
-
-# --- text format --------------------------------------------------------------------
-
-
-def _text(value: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The text config as echoed, and chat's response_format (None for plain text)."""
-    if value is None:
-        return {"format": {"type": "text"}}, None
-    text = dict(_object("text", value))
-    for key in text:
-        if key not in ("format", "verbosity"):
-            raise ProxyError(
-                400,
-                f"Unknown parameter: 'text.{key}'.",
-                param=f"text.{key}",
-                code="unknown_parameter",
-            )
-    verbosity = text.get("verbosity")
-    if verbosity is not None and verbosity not in ("low", "medium", "high"):
-        raise invalid_value("text.verbosity", "'low', 'medium' or 'high'", verbosity)
-    fmt = text.get("format")
-    if fmt is None:
-        text["format"] = {"type": "text"}
-        return text, None
-    fmt = _object("text.format", fmt)
-    kind = fmt.get("type")
-    if kind == "text":
-        return text, None
-    if kind == "json_object":
-        return text, {"type": "json_object"}
-    if kind == "json_schema":
-        name = fmt.get("name")
-        if name is None:
-            raise _missing("text.format.name")
-        _string("text.format.name", name)
-        schema = fmt.get("schema")
-        if schema is None:
-            raise _missing("text.format.schema")
-        _object("text.format.schema", schema)
-        spec: dict[str, Any] = {"name": name, "schema": schema}
-        if fmt.get("strict") is not None:
-            spec["strict"] = _bool("text.format.strict", fmt["strict"])
-        if fmt.get("description") is not None:
-            spec["description"] = _string("text.format.description", fmt["description"])
-        return text, {"type": "json_schema", "json_schema": spec}
-    if kind is None:
-        raise _missing("text.format.type")
-    raise invalid_value("text.format.type", "'text', 'json_schema' or 'json_object'", kind)
