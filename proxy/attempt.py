@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 
-from proxy import sse
+from proxy import sse, tracing
 from proxy.backend import BackendResponse as Response
 from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected
 from proxy.encoding import CannotDecode, Decoder, content_encoding, undecodable
@@ -237,3 +237,42 @@ def _http_failure(up: Upstream, resp: Response, body: bytes) -> Failure:
     if after is not None and resp.status in (429, 503):
         err.headers["Retry-After"] = str(max(1, round(after)))
     return Failure(f"http_{resp.status}", err, retryable, after)
+
+
+async def traced_open(
+    up: Upstream, replica: Replica, ex: Exchange, target: str, data: bytes | None
+) -> tuple[Response, bytes, Decoder | None]:
+    """One attempt, in a span of its own when tracing (whose traceparent the backend
+    gets)."""
+    tracer = tracing.TRACING
+    if tracer is None or ex.span is None:
+        return await open_answer(up, replica, ex, target, data)
+    span = tracer.child(
+        ex.span,
+        "attempt",
+        True,
+        {"chat_proxy.upstream": up.name, "chat_proxy.replica": replica.index},
+    )
+    ex.traceparent = tracer.traceparent(span)
+    try:
+        resp, first, decoder = await open_answer(up, replica, ex, target, data)
+    except Failure as failure:
+        span.set_attribute("error.type", failure.kind)
+        tracer.fail(span, failure.kind)
+        span.end()
+        raise
+    except BaseException:
+        span.set_attribute("error.type", "cancelled")
+        span.end()
+        raise
+    span.set_attribute("http.response.status_code", resp.status)
+    span.end()
+    return resp, first, decoder
+
+
+def failed(ex: Exchange, up: Upstream, replica: Replica, failure: Failure) -> None:
+    """A failed attempt, for the access line, the metrics and the replica's circuit."""
+    where = f"{up.name}/{replica.index}" if up.fleet else up.name
+    ex.failures.append(f"{where}:{failure.kind}")
+    if failure.kind != "http_429" and (failure.retryable or not failure.kind.startswith("http_")):
+        replica.record(False)  # busy is not broken, and a 4xx is the client's
