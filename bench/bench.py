@@ -1423,10 +1423,11 @@ def checks(
     fds = g(limits, "descriptors")
     if fds:
         dropped = {k: v for k, v in fds["outcomes"].items() if not k.startswith("HTTP/")}
-        said = bool(fds["log"]) or any("accept" in m or "descriptor" in m for m in fds["metrics"])
+        logged = bool(fds["log"])
+        counted = any(m.startswith("chat_proxy_connections_refused_total") for m in fds["metrics"])
         add(
-            "open-file limit reached: a log line and a metric",
-            1.0 if said or not dropped else 0.0,
+            "open-file limit reached: every client answered, a log line and a metric",
+            1.0 if logged and counted and not dropped else 0.0,
             ">=",
             1,
             "yes/no",

@@ -3,10 +3,10 @@
 
     .venv/bin/python bench/limits.py
 
-- pool: an upstream with `max_connections: 2` and `timeouts.first_byte: 3` in front
-  of bench/slow_backend.py; two streams hold both connections, a third request
-  waits for a place: its status, error code and message, how long it waited, and
-  what /metrics counted.
+- pool: an upstream with `max_connections: 2` and `timeouts: {first_byte: 3,
+  pool: 1}` in front of bench/slow_backend.py; two streams hold both connections, a
+  third request waits for a place: its status, error code and message, how long it
+  waited, and what /metrics counted.
 - descriptors: the proxy started with an open-file limit of 64 (`prlimit`), then
   more client connections opened (and held) than it can take: what the extra
   clients get (an answer, a reset, or nothing within 5 s), what the log says, and
@@ -47,7 +47,7 @@ upstreams:
     url: http://127.0.0.1:{slow}/v1
     models: ["bench-slow"]
     max_connections: 2
-    timeouts: {{first_byte: 3}}
+    timeouts: {{first_byte: 3, pool: 1}}
 middleware: []
 """
 
@@ -201,7 +201,9 @@ def descriptors(run: Path, slow: int) -> dict[str, Any]:
         except OSError as exc:
             out["after"] = repr(exc)
         try:
-            out["metrics"] = metrics(port, "chat_proxy_requests_total")
+            out["metrics"] = metrics(
+                port, "chat_proxy_requests_total", "chat_proxy_connections_refused_total"
+            )
         except OSError as exc:
             out["metrics"] = repr(exc)
     finally:

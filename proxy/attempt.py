@@ -5,12 +5,15 @@ knows whether the request may go again (only when it surely never arrived).
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import resource
+import time
 
 from proxy import sse, tracing
 from proxy.backend import BackendResponse as Response
-from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected
+from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected, PoolFull
 from proxy.encoding import CannotDecode, Decoder, content_encoding, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
@@ -36,6 +39,24 @@ class Failure(Exception):
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
+
+
+# a limit reached is logged at most once a minute for each upstream and limit
+WARN_EVERY = 60.0
+_warned: dict[tuple[str, str], float] = {}
+
+
+def warn_limit(up: Upstream, limit: str, message: str, **extra: object) -> None:
+    """A warning that `up` met one of the proxy's limits, at most once a minute."""
+    now = time.monotonic()
+    key = (up.name, limit)
+    if now - _warned.get(key, -WARN_EVERY) >= WARN_EVERY:
+        _warned[key] = now
+        log.warning(message, extra={"upstream": up.name, "limit": limit, **extra})
+
+
+def _open_files() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
@@ -136,6 +157,26 @@ async def open_answer(
         return resp, first, decoder
     except Failure:
         raise
+    except PoolFull as exc:
+        # every connection in use: the request never left, and may go elsewhere
+        warn_limit(
+            up,
+            "max_connections",
+            "every connection of the upstream's pool is in use: requests are refused",
+            max_connections=exc.limit,
+            waited_seconds=round(exc.waited, 3),
+        )
+        raise Failure(
+            "pool_full",
+            ProxyError(
+                503,
+                f"All {exc.limit} connections to the backend are in use (the upstream's "
+                f"max_connections) and none came free within {exc.waited:.3g} seconds.",
+                code="upstream_pool_full",
+                headers={"Retry-After": "1", "retry-after-ms": "1000"},
+            ),
+            True,
+        ) from None
     except ConnectTimeout:
         # no connection in time: the request never left, and may go again
         raise Failure(
@@ -191,6 +232,26 @@ async def open_answer(
     except OSError as exc:
         if resp is not None:
             resp.close()
+        if resp is None and exc.errno in (errno.EMFILE, errno.ENFILE):
+            # the proxy's own limit, not the backend's fault
+            files = _open_files()
+            warn_limit(
+                up,
+                "open_files",
+                "the open-file limit is reached: no connection to the backend could be opened",
+                open_files=files,
+            )
+            raise Failure(
+                "open_files",
+                ProxyError(
+                    503,
+                    f"The proxy has reached its open-file limit ({files}) and could not "
+                    "open a connection to the backend.",
+                    code="open_file_limit",
+                    headers={"Retry-After": "1", "retry-after-ms": "1000"},
+                ),
+                True,
+            ) from None
         raise Failure(
             "connect" if resp is None else "reset",
             ProxyError(
@@ -274,5 +335,7 @@ def failed(ex: Exchange, up: Upstream, replica: Replica, failure: Failure) -> No
     """A failed attempt, for the access line, the metrics and the replica's circuit."""
     where = f"{up.name}/{replica.index}" if up.fleet else up.name
     ex.failures.append(f"{where}:{failure.kind}")
-    if failure.kind != "http_429" and (failure.retryable or not failure.kind.startswith("http_")):
+    if failure.kind in ("pool_full", "open_files"):
+        pass  # the proxy's own limits: the replica is not at fault
+    elif failure.kind != "http_429" and (failure.retryable or not failure.kind.startswith("http_")):
         replica.record(False)  # busy is not broken, and a 4xx is the client's

@@ -82,6 +82,9 @@ class ServerConfig(Model):
     # anonymous callers behind them are told apart (rate limits, sessions) by the
     # address they forwarded, not by the balancer's
     trusted_proxies: tuple[str, ...] = ()
+    # client connections one process takes; one more gets a 503 (default: what the
+    # open-file limit leaves once the upstreams' pools are counted; proxy/capacity.py)
+    max_connections: int | None = Field(None, gt=0)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -103,6 +106,7 @@ class ServerConfig(Model):
 
 class Timeouts(Model):
     connect: float = Field(5, gt=0)
+    pool: float = Field(10, gt=0)  # the longest wait for a place in a full pool
     first_byte: float = Field(120, gt=0)
     idle: float = Field(120, gt=0)
 

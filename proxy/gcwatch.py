@@ -44,7 +44,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import resource
 import time
 from typing import Any
 
@@ -179,18 +178,3 @@ def freeze() -> None:
         _unfrozen_at = time.monotonic()
         _survivors = True
     log.debug("start-up objects frozen", extra={"frozen": gc.get_freeze_count(), "mode": mode})
-
-
-def raise_file_limit() -> int:
-    """The soft limit on open files raised to the hard one; the limit now. Each
-    stream holds two descriptors (the client's and the backend's)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit: %s", exc)
-    return soft

@@ -19,12 +19,17 @@ a request body within its limits.
 with plain loop timers armed only when a deadline starts (a connection opens, the
 first byte of a head arrives, the transport pauses writing), never per write or per
 read. `LimitedRunner` is the `web.AppRunner` that serves its connections with it.
+
+A connection beyond `max_connections` (proxy/capacity.py: what the open-file limit
+allows) gets `Refusal` instead: its request head is read, a 503
+`too_many_connections` goes out with `Connection: close`, and it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +39,7 @@ from aiohttp.web_server import Server
 
 from proxy.config import ClientTimeouts
 from proxy.errors import ProxyError
+from proxy.metrics import CONNECTIONS_REFUSED
 
 log = logging.getLogger("chat_proxy.inbound")
 
@@ -229,14 +235,100 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
 
-class LimitedServer(Server):
-    """aiohttp's low-level server, whose connections are `ClientConnection`s."""
+def _raw_503(limit: int) -> bytes:
+    body = ProxyError(
+        503,
+        f"The proxy holds as many connections as it takes ({limit}, its "
+        "server.max_connections or what its open-file limit allows); try again shortly.",
+        code="too_many_connections",
+    ).to_bytes()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "retry-after-ms: 1000\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
-    def __init__(self, handler: Any, *, timeouts: ClientTimeouts, **kwargs: Any) -> None:
+
+# a refused connection is logged at most once a minute, with the count since
+WARN_EVERY = 60.0
+# how long and how much of a refused connection's request head is read before the 503
+REFUSAL_READ_SECONDS = 1.0
+REFUSAL_READ_BYTES = 65536
+# refused connections read at once, at most (each holds a descriptor meanwhile); more
+# get the 503 written and are closed at once, whether or not the client reads it
+REFUSING_MAX = 32
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over the limit: read its request head (so that the client, still
+    sending, is not reset before it reads the answer), answer 503, close."""
+
+    __slots__ = ("_answer", "_linger", "_read", "_server", "_timer", "_transport")
+
+    def __init__(self, server: LimitedServer, answer: bytes, linger: bool) -> None:
+        self._server = server
+        self._answer = answer
+        self._linger = linger  # read the head first (False: answer and close at once)
+        self._read = 0
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if not self._linger:
+            self._finish()
+            return
+        self._server._refusing += 1
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_READ_SECONDS, self._finish)
+
+    def data_received(self, data: bytes) -> None:
+        self._read += len(data)
+        if b"\r\n\r\n" in data or self._read >= REFUSAL_READ_BYTES:
+            self._finish()
+
+    def _finish(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.write(self._answer)
+            t.close()
+        self._transport = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._server._refusing -= 1
+        self._transport = None
+
+
+class LimitedServer(Server):
+    """aiohttp's low-level server, whose connections are `ClientConnection`s, at most
+    `max_connections` of them at once (None: no limit of its own)."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        timeouts: ClientTimeouts,
+        max_connections: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.timeouts = timeouts
+        self.max_connections = max_connections
+        self._refused = 0  # since the last warning
+        self._refusing = 0  # refused connections whose request head is being read
+        self._warned = -WARN_EVERY
 
     def __call__(self) -> RequestHandler:
+        limit = self.max_connections
+        if limit is not None and len(self._connections) >= limit:
+            # the loop takes any protocol; aiohttp's annotation names its own
+            return self._refuse(limit)  # type: ignore[return-value]
         return ClientConnection(
             self,
             header_timeout=self.timeouts.header,
@@ -245,24 +337,46 @@ class LimitedServer(Server):
             **self._kwargs,
         )
 
+    def _refuse(self, limit: int) -> Refusal:
+        CONNECTIONS_REFUSED.labels("max_connections").inc()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY:
+            log.warning(
+                "client connections refused: the process holds as many as it takes",
+                extra={"max_connections": limit, "refused": self._refused},
+            )
+            self._warned = now
+            self._refused = 0
+        return Refusal(self, _raw_503(limit), linger=self._refusing < REFUSING_MAX)
+
 
 class LimitedRunner(web.AppRunner):
     """`web.AppRunner` for the proxy: `timeouts` bound what each client connection may
     hold, and a handler is cancelled when its client goes (`handler_cancellation`)."""
 
-    __slots__ = ("_timeouts",)
+    __slots__ = ("_max_connections", "_timeouts")
 
-    def __init__(self, app: web.Application, timeouts: ClientTimeouts, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        timeouts: ClientTimeouts,
+        *,
+        max_connections: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("handler_cancellation", True)
         kwargs.setdefault("keepalive_timeout", timeouts.keepalive)
         super().__init__(app, **kwargs)
         self._timeouts = timeouts
+        self._max_connections = max_connections
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()  # runs the application's startup
         return LimitedServer(
             base.request_handler,
             timeouts=self._timeouts,
+            max_connections=self._max_connections,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,

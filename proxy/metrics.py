@@ -61,6 +61,12 @@ UPSTREAM_ERRORS = Counter(
     "Failed attempts at a backend, by upstream and kind.",
     ["upstream", "kind"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "chat_proxy_connections_refused_total",
+    "Client connections answered with a 503 and closed: the process held "
+    "server.max_connections (what its open-file limit allows).",
+    ["reason"],
+)
 STREAMS = Gauge(
     "chat_proxy_streams_in_flight", "Streams being relayed now.", multiprocess_mode="livesum"
 )

@@ -157,6 +157,7 @@ class Replica:
             port,
             limit=self.cfg.max_connections,
             connect_timeout=self.cfg.timeouts.connect,
+            pool_timeout=self.cfg.timeouts.pool,
             idle_seconds=self.cfg.idle_seconds,
             ssl_context=ssl_context,
         )

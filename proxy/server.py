@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy import gcwatch
+from proxy import capacity, gcwatch
 from proxy.app import (
     STATE,
     Runtime,
@@ -89,11 +89,19 @@ async def _retire(state: State, rt: Runtime, drain: float) -> None:
 async def _run(
     config: LoadedConfig, host: str, port: int, reuse_port: bool, path: str | None
 ) -> None:
-    files = gcwatch.raise_file_limit()
+    files = capacity.raise_file_limit()
+    connections = capacity.client_connections(config, files)
     gcwatch.install()
     app = build_app(config)
-    # client connections bounded by server.timeouts; handlers cancelled when clients go
-    runner = LimitedRunner(app, config.server.timeouts, access_log=None, shutdown_timeout=1.0)
+    # client connections bounded by server.timeouts and in number; handlers cancelled
+    # when clients go
+    runner = LimitedRunner(
+        app,
+        config.server.timeouts,
+        max_connections=connections,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
@@ -115,8 +123,10 @@ async def _run(
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "chain": [e.type for e in config.chain],
             "open_files": files,
-            # two descriptors a stream (the client's, the backend's), less a margin
-            "max_streams": max(0, (files - 64) // 2),
+            # client connections taken at once (each stream holds one, and one to
+            # its backend within the upstreams' max_connections)
+            "max_connections": connections,
+            "backend_connections": capacity.backend_connections(config),
         },
     )
     for line in order_warnings(config.chain):

@@ -8,6 +8,7 @@ from proxy.backend.base import (
     ClientError,
     ConnectTimeout,
     Disconnected,
+    PoolFull,
     ResponseError,
     request_target,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ClientError",
     "ConnectTimeout",
     "Disconnected",
+    "PoolFull",
     "ResponseError",
     "request_target",
 ]

@@ -11,8 +11,9 @@ handles both clients alike:
 
 - connecting fails: the `OSError` under aiohttp's `ClientConnectorError` (an
   `ssl.SSLError` for a certificate that does not verify);
-- a deadline passes: `ConnectTimeout` when no connection had been had yet (every
-  place taken, or connecting too slow), else `TimeoutError`;
+- a deadline passes: `PoolFull` when every place stayed taken for `pool_timeout`
+  seconds (the wait in aiohttp's queue, seen through its trace), `ConnectTimeout`
+  when connecting was too slow, else `TimeoutError`;
 - the backend closes (or resets) the connection before the status line:
   `Disconnected`, `reused` from aiohttp's trace of the request (whether the
   connection came from the idle ones);
@@ -35,6 +36,7 @@ from proxy.backend.base import (
     ClientError,
     ConnectTimeout,
     Disconnected,
+    PoolFull,
     ResponseError,
 )
 
@@ -49,11 +51,29 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 class _Attempt:
     """What aiohttp's trace says of one request's connection."""
 
-    __slots__ = ("connected", "reused")
+    __slots__ = ("connected", "deadline", "pool_timeout", "queued", "reused", "timer")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float, pool_timeout: float) -> None:
         self.connected = False  # a connection was had (opened or taken from the idle ones)
         self.reused = False  # taken from the idle ones
+        self.queued = 0.0  # when it began to wait for a place, while it waits
+        self.timer: asyncio.Timeout | None = None  # the request's, moved while it queues
+        self.deadline = deadline
+        self.pool_timeout = pool_timeout
+
+
+async def _queued(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, _Attempt) and attempt.timer is not None:
+        attempt.queued = now = asyncio.get_running_loop().time()
+        attempt.timer.reschedule(min(attempt.deadline, now + attempt.pool_timeout))
+
+
+async def _dequeued(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, _Attempt) and attempt.timer is not None:
+        attempt.queued = 0.0
+        attempt.timer.reschedule(attempt.deadline)
 
 
 async def _created(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
@@ -167,15 +187,20 @@ class AiohttpClient:
         *,
         limit: int = 100,
         connect_timeout: float = 5.0,
+        pool_timeout: float = 10.0,
         idle_seconds: float = 15.0,
         ssl_context: ssl_module.SSLContext | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.pool_timeout = pool_timeout
         tls = scheme == "https"
         self._origin = str(URL.build(scheme=scheme, host=host, port=port or (443 if tls else 80)))
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(_created)
         trace.on_connection_reuseconn.append(_reused)
+        trace.on_connection_queued_start.append(_queued)
+        trace.on_connection_queued_end.append(_dequeued)
         self._connector = aiohttp.TCPConnector(
             limit=limit,
             limit_per_host=0,
@@ -222,9 +247,10 @@ class AiohttpClient:
         for name, value in headers:
             if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
                 raise ValueError("a header name or value contains a line break")
-        attempt = _Attempt()
+        deadline = self.loop.time() + timeout
+        attempt = _Attempt(deadline, self.pool_timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline) as attempt.timer:
                 resp = await self._session.request(
                     method,
                     URL(self._origin + target, encoded=True),
@@ -235,6 +261,8 @@ class AiohttpClient:
                 )
         except TimeoutError:
             # also aiohttp's ServerTimeoutError (connecting took sock_connect seconds)
+            if attempt.queued:
+                raise PoolFull(self.limit, self.loop.time() - attempt.queued) from None
             raise (ConnectTimeout() if not attempt.connected else TimeoutError()) from None
         except aiohttp.ClientConnectorError as exc:
             raise exc.os_error from None

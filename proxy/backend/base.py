@@ -7,7 +7,8 @@ HTTP/1.1 client) and `proxy.backend.aiohttp_client.AiohttpClient`.
 
 Errors, the same from both: `OSError` when connecting fails, `TimeoutError` past a
 deadline (`ConnectTimeout` when no connection could be had in time: the request was
-never sent), `Disconnected` when the backend closes before the first byte of its
+never sent; `PoolFull`, one of them, when every place in the pool stayed taken for
+the pool's `pool_timeout`), `Disconnected` when the backend closes before the first byte of its
 answer, `ResponseError` for an answer that is not valid HTTP/1.x or ends before its
 end, `BodyTooLarge` from `read()` past its `limit`, and `ClientError` (their base)
 for any other failure of an exchange.
@@ -27,6 +28,7 @@ __all__ = [
     "ClientError",
     "ConnectTimeout",
     "Disconnected",
+    "PoolFull",
     "ResponseError",
     "request_target",
 ]
@@ -58,6 +60,16 @@ class Disconnected(ClientError):
 class ConnectTimeout(TimeoutError):
     """No connection could be had within the deadline (every place in the pool was
     taken, or connecting took too long): the request was never sent."""
+
+
+class PoolFull(ConnectTimeout):
+    """Every one of the pool's `limit` connections stayed in use for `waited`
+    seconds: the request was never sent."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(f"all {limit} connections are in use")
+        self.limit = limit
+        self.waited = waited
 
 
 class ResponseError(ClientError):

@@ -5,8 +5,9 @@ status and headers, then the body as it arrives. This client does only that, in 
 `transport.write` per request and with no per-request objects beyond the answer, so
 that a request the middlewares leave alone costs close to a bare socket relay.
 
-- `Pool`: the connections to one origin (http or https), at most `limit` at a time;
-  idle ones are reused newest first and dropped after `idle_seconds` or as soon as
+- `Pool`: the connections to one origin (http or https), at most `limit` at a time
+  (a request that finds them all in use waits for one at most `pool_timeout`
+  seconds, then gets `PoolFull`); idle ones are reused newest first and dropped after `idle_seconds` or as soon as
   the backend closes them.
 - `Response`: status, headers (lower-case names), `read_chunk()` for the body as it
   comes (Content-Length, chunked, or until the backend closes), `read()` for the
@@ -19,7 +20,8 @@ byte past it: a backend that answers early (a 413 after the head of a large body
 would otherwise read the rest of that body as the next client's request.
 
 Errors (proxy.backend.base): `OSError` when connecting fails, `TimeoutError` past a
-deadline (`ConnectTimeout` when no connection could be had), `Disconnected` when
+deadline (`ConnectTimeout` when no connection could be had, `PoolFull` when every
+place stayed taken), `Disconnected` when
 the backend closes before the first byte of its answer (its `reused` says whether
 the connection came from the idle pool: on a reused connection most often one the
 backend had just closed as idle), `ResponseError` for an answer that is not
@@ -34,7 +36,7 @@ import ssl as ssl_module
 import time
 from collections import deque
 
-from proxy.backend.base import BodyTooLarge, ClientError, ConnectTimeout
+from proxy.backend.base import BodyTooLarge, ClientError, ConnectTimeout, PoolFull
 from proxy.backend.http1.connection import _Conn, _expire
 from proxy.backend.http1.parser import _DONE, _HEAD, _LENGTH
 
@@ -146,6 +148,7 @@ class Pool:
         *,
         limit: int = 100,
         connect_timeout: float = 5.0,
+        pool_timeout: float = 10.0,
         idle_seconds: float = 15.0,
         ssl_context: ssl_module.SSLContext | None = None,
     ) -> None:
@@ -159,6 +162,7 @@ class Pool:
         self.host_header = name if self.port == default else f"{name}:{self.port}"
         self.limit = limit
         self.connect_timeout = connect_timeout
+        self.pool_timeout = pool_timeout  # the longest wait for a place
         self.idle_seconds = idle_seconds  # an idle connection is closed after this
         self._idle: list[_Conn] = []
         self._busy = 0  # connections handed out or being opened
@@ -185,6 +189,8 @@ class Pool:
         deadline = self.loop.time() + timeout
         try:
             conn = await self._acquire(deadline)
+        except ConnectTimeout:
+            raise
         except TimeoutError:
             raise ConnectTimeout() from None
         try:
@@ -213,13 +219,17 @@ class Pool:
     async def _acquire(self, deadline: float) -> _Conn:
         """A connection, idle or new, within one of the pool's `limit` places. When
         every place is taken the request queues; a place freed goes to the first in
-        the queue, never to a request that arrives meanwhile."""
+        the queue, never to a request that arrives meanwhile; one that waits
+        `pool_timeout` seconds (or to its deadline) gets `PoolFull`."""
         if self._busy >= self.limit or self._waiters:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
-            timer = self.loop.call_at(deadline, _expire, waiter)
+            start = self.loop.time()
+            timer = self.loop.call_at(min(deadline, start + self.pool_timeout), _expire, waiter)
             try:
                 await waiter  # once woken, a place is held for this request
+            except TimeoutError:
+                raise PoolFull(self.limit, self.loop.time() - start) from None
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     # woken, then cancelled: pass the place on
