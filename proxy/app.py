@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,7 +24,11 @@ from proxy.responses.api import stored_route
 from proxy.routes import CHAT, MODELS, Routes
 from proxy.runtime import STATE, Runtime, State
 from proxy.sessions.store.base import SessionStore
-from proxy.shared_redis import SharedRedis, close_pool, open_pool
+
+if TYPE_CHECKING:
+    # redis-py and what it imports take about 20 MB a process: imported by the
+    # Redis store and limiter only
+    from proxy.shared_redis import SharedRedis
 
 log = logging.getLogger("chat_proxy")
 
@@ -149,7 +154,11 @@ def build_app(config: LoadedConfig) -> web.Application:
         from proxy.sessions.store import open_store
 
         # one Redis pool for the session store and the counters, opened once here
-        pool = open_pool(config.store) if _needs_redis(config) else None
+        pool: SharedRedis | None = None
+        if _needs_redis(config):
+            from proxy.shared_redis import open_pool
+
+            pool = open_pool(config.store)
         store = await open_store(config.store, pool) if _needs_store(config) else None
         tracing.configure(config.observability)
         rt = await build_runtime(config, store, redis=pool)
@@ -171,6 +180,8 @@ def build_app(config: LoadedConfig) -> web.Application:
         if store is not None:
             await store.close()
         if pool is not None:
+            from proxy.shared_redis import close_pool
+
             await close_pool(pool)
         # the spans still queued, flushed off the loop (bounded by the export timeout)
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)

@@ -135,6 +135,8 @@ class Exchange:
     # the path on the backend, after its base path (/chat/completions, /embeddings)
     upstream_path: str = ""
     started: float = field(default_factory=time.perf_counter)
+    # the body as read (None: not read); b"" once `body` is encoded for the backend, so
+    # that a long history is not held twice for a stream's whole life
     raw_body: bytes | None = None
     body: dict[str, Any] | None = None
     # a multipart form body (forwarded as it came); its `model` field is in

@@ -20,9 +20,11 @@ def loads(data: bytes | str) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON."""
+    """Compact UTF-8 JSON, in a bytes object of its own size: orjson's result holds
+    the buffer it wrote into (4 KiB for a short document, 2.6 times a 100 KB one),
+    and a request body encoded for the backend lives as long as its stream."""
     try:
-        return orjson.dumps(value)
+        return bytes(memoryview(orjson.dumps(value)))
     except TypeError:  # an integer beyond 64 bits, for example
         # backslashreplace: a lone surrogate goes out as the escape it came in as
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(

@@ -55,7 +55,14 @@ async def handle(ex: Exchange, upstreams: Upstreams, path: str) -> web.StreamRes
             "Every backend for this model is temporarily unavailable.",
             code="upstream_unavailable",
         )
-    data = jsonfast.dumps(ex.body) if ex.body is not None else ex.raw_body
+    data: bytes | None
+    if ex.body is not None:
+        # what the chain checked and changed, and nothing else (a duplicate key the
+        # client sent reaches the backend once, as the chain read it)
+        data = jsonfast.dumps(ex.body)
+        ex.raw_body = b""
+    else:
+        data = ex.raw_body
     point = affinity_point(ex) if upstreams.affinity else None
     query = ex.request.rel_url.raw_query_string
     last: Failure | None = None

@@ -41,9 +41,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jsonschema import validators as _validators
-from jsonschema.exceptions import best_match
-
 _INTEGER = re.compile(r"[+-]?\d+")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ABSENT = object()  # an argument left out: its group did not match
@@ -121,6 +118,11 @@ def fit(arguments: dict[str, Any], groups: Mapping[str, Any], parameters: Any) -
 
 
 def _check(arguments: dict[str, Any], schema: dict[str, Any]) -> None:
+    # imported at the first check: jsonschema takes about 8 MB a process, and only a
+    # keyword rule that fires needs it
+    from jsonschema import validators as _validators
+    from jsonschema.exceptions import best_match
+
     try:
         validator = _validators.validator_for(schema)(schema)
         error = best_match(validator.iter_errors(arguments))
