@@ -19,6 +19,9 @@ class Owner(Protocol):
     that the connection does not import the pool that imports it."""
 
     loop: asyncio.AbstractEventLoop
+    _watched: set[_Conn]
+
+    def _watch(self, conn: _Conn, timeout: float) -> None: ...
 
     def _forget(self, conn: _Conn) -> None: ...
 
@@ -32,6 +35,7 @@ class _Conn(ResponseParser, asyncio.Protocol):
     """One connection; it carries one exchange at a time."""
 
     __slots__ = (
+        "_deadline",
         "_error",
         "_paused",
         "_sent",
@@ -49,6 +53,7 @@ class _Conn(ResponseParser, asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self.reused = False  # taken from the idle connections rather than opened
+        self._deadline = 0.0  # while a body read waits: when it times out (Pool._watch)
         self._reset()
 
     def _reset(self) -> None:

@@ -32,6 +32,7 @@ before its announced end, and `BodyTooLarge` from `read()` past its `limit`.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl as ssl_module
 import time
 from collections import deque
@@ -39,6 +40,10 @@ from collections import deque
 from proxy.backend.base import BodyTooLarge, ClientError, ConnectTimeout, PoolFull
 from proxy.backend.http1.connection import _Conn, _expire
 from proxy.backend.http1.parser import _DONE, _HEAD, _LENGTH
+
+# the precision of a body read's timeout: waits whose deadlines fall this close
+# together end at the same time
+SWEEP_GRAIN = 0.01
 
 
 class Response:
@@ -70,18 +75,19 @@ class Response:
             if c._state == _DONE:
                 return b""
             # the wait of `_Conn._wait`, written out: a stream waits here between its
-            # events, and a coroutine of its own would be alive all that time
+            # events, and a coroutine of its own would be alive all that time; its
+            # deadline is kept by the pool's one timer, not a timer of its own
             if c._error is not None:
                 raise c._error
-            loop = c.pool.loop
-            waiter = loop.create_future()
+            pool = c.pool
+            waiter = pool.loop.create_future()
             c._waiter = waiter
-            timer = loop.call_later(timeout, _expire, waiter)
+            pool._watch(c, timeout)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 c._waiter = None
+                pool._watched.discard(c)
         body = c._body
         data = body[0] if len(body) == 1 else b"".join(body)
         c._body = []
@@ -168,6 +174,12 @@ class Pool:
         self._busy = 0  # connections handed out or being opened
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        # the connections whose body read waits, and the one timer that ends the waits
+        # past their deadline (a timer armed and cancelled for every event of every
+        # stream would cost 0.5 KiB a stream and a heap push an event)
+        self._watched: set[_Conn] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     @property
     def open_connections(self) -> int:
@@ -271,6 +283,36 @@ class Pool:
             raise
         return conn
 
+    def _watch(self, conn: _Conn, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        conn._deadline = deadline
+        self._watched.add(conn)
+        if deadline < self._sweep_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = self.loop.call_at(when, self._expire_waits)
+
+    def _expire_waits(self) -> None:
+        """End the waits past their deadline; armed again for the next deadline."""
+        self._sweep = None
+        self._sweep_at = math.inf
+        now = self.loop.time()
+        nearest = math.inf
+        for conn in list(self._watched):
+            if conn._deadline <= now:
+                self._watched.discard(conn)
+                if conn._waiter is not None:
+                    _expire(conn._waiter)
+            elif conn._deadline < nearest:
+                nearest = conn._deadline
+        if nearest < math.inf:
+            # deadlines that close together are ended together
+            self._arm(max(nearest, now + SWEEP_GRAIN))
+
     def _expire_idle(self) -> None:
         # the oldest idle connections sit at the bottom of the stack
         idle = self._idle
@@ -310,6 +352,9 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in self._idle:
             conn.close()
         self._idle.clear()

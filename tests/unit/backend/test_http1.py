@@ -26,7 +26,15 @@ from typing import Any
 
 import pytest
 
-from proxy.backend import BodyTooLarge, ClientError, Disconnected, ResponseError, request_target
+from proxy.backend import (
+    BodyTooLarge,
+    ClientError,
+    ConnectTimeout,
+    Disconnected,
+    PoolFull,
+    ResponseError,
+    request_target,
+)
 from proxy.backend.http1 import Pool, Response
 from proxy.backend.http1.connection import HIGH_WATER, _Conn
 
@@ -832,6 +840,76 @@ async def test_read_chunk_times_out_when_the_backend_goes_quiet() -> None:
         resp.release()
         assert await fetch(pool) == (200, b"next")
     assert backend.accepted == 1
+
+
+async def test_quiet_streams_each_time_out_at_their_own_deadline() -> None:
+    """Body reads waiting together (the pool keeps their deadlines with one timer):
+    each ends at its own timeout, a stream that keeps sending is never ended, and a
+    later, shorter wait is not held back by an earlier, longer one."""
+    stop = asyncio.Event()
+
+    async def quiet(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
+        await stop.wait()
+
+    async def chatty(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(CHUNKED_HEAD)
+        while not stop.is_set():
+            await peer.send(b"1\r\nx\r\n")
+            await asyncio.sleep(0.02)
+
+    async with serving(per_connection(quiet, quiet, quiet, chatty), limit=4) as (_, pool):
+        streams = [await get(pool) for _ in range(4)]
+        for resp in streams[:3]:
+            assert await resp.read_chunk(1) == b"hello"
+
+        async def ends(resp: Response, timeout: float) -> float:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await resp.read_chunk(timeout)
+            return time.monotonic() - t0
+
+        async def keeps_going(resp: Response) -> int:
+            n = 0
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:
+                n += len(await resp.read_chunk(0.1))
+            return n
+
+        long = asyncio.ensure_future(ends(streams[0], 0.5))
+        await asyncio.sleep(0.05)
+        short = asyncio.ensure_future(ends(streams[1], 0.1))
+        middle = asyncio.ensure_future(ends(streams[2], 0.3))
+        sent = await keeps_going(streams[3])
+        waited = await asyncio.gather(long, short, middle)
+        stop.set()
+        assert 0.49 < waited[0] < 0.7, waited
+        assert 0.09 < waited[1] < 0.25, waited
+        assert 0.29 < waited[2] < 0.45, waited
+        assert sent >= 10
+        assert not pool._watched  # nothing left waiting
+
+
+async def test_a_request_that_finds_every_place_taken_gets_pool_full_after_pool_timeout() -> None:
+    hold = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
+        await hold.wait()
+
+    async with serving(script, limit=1, pool_timeout=0.1) as (_, pool):
+        first = await get(pool)
+        t0 = time.monotonic()
+        with pytest.raises(PoolFull) as caught:
+            await get(pool, timeout=5)
+        assert 0.09 < time.monotonic() - t0 < 0.5
+        assert caught.value.limit == 1 and 0.09 < caught.value.waited < 0.5
+        assert isinstance(caught.value, ConnectTimeout)  # never sent: may go elsewhere
+        first.close()
+        hold.set()
 
 
 # -- the connection limit
