@@ -8,17 +8,22 @@ not take, and the client gets nothing at all. So the proxy keeps the count below
 the limit itself: at start it raises its soft limit to the hard one, and takes at
 most `server.max_connections` client connections (by default what the limit leaves
 once the pools and a margin are counted); one more is answered with a 503
-`too_many_connections` and closed (proxy/inbound.py), counted in
+`too_many_connections` and closed (`Refuser`, asked by proxy/inbound.py's server
+for each connection over the limit), counted in
 `chat_proxy_connections_refused_total{reason="max_connections"}` and logged at
 most once a minute.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
+import time
 
 from proxy.config import LoadedConfig
+from proxy.errors import ProxyError
+from proxy.metrics import CONNECTIONS_REFUSED
 
 log = logging.getLogger("chat_proxy")
 
@@ -54,3 +59,97 @@ def client_connections(config: LoadedConfig, files: int) -> int:
     if config.server.max_connections is not None:
         return config.server.max_connections
     return max(MINIMUM, files - MARGIN - backend_connections(config))
+
+
+def _raw_503(limit: int) -> bytes:
+    body = ProxyError(
+        503,
+        f"The proxy holds as many connections as it takes ({limit}, its "
+        "server.max_connections or what its open-file limit allows); try again shortly.",
+        code="too_many_connections",
+    ).to_bytes()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "retry-after-ms: 1000\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+# a refused connection is logged at most once a minute, with the count since
+WARN_EVERY = 60.0
+# how long and how much of a refused connection's request head is read before the 503
+REFUSAL_READ_SECONDS = 1.0
+REFUSAL_READ_BYTES = 65536
+# refused connections read at once, at most (each holds a descriptor meanwhile); more
+# get the 503 written and are closed at once, whether or not the client reads it
+REFUSING_MAX = 32
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over the limit: read its request head (so that the client, still
+    sending, is not reset before it reads the answer), answer 503, close."""
+
+    __slots__ = ("_answer", "_linger", "_read", "_refuser", "_timer", "_transport")
+
+    def __init__(self, refuser: Refuser, answer: bytes, linger: bool) -> None:
+        self._refuser = refuser
+        self._answer = answer
+        self._linger = linger  # read the head first (False: answer and close at once)
+        self._read = 0
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if not self._linger:
+            self._finish()
+            return
+        self._refuser.refusing += 1
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_READ_SECONDS, self._finish)
+
+    def data_received(self, data: bytes) -> None:
+        self._read += len(data)
+        if b"\r\n\r\n" in data or self._read >= REFUSAL_READ_BYTES:
+            self._finish()
+
+    def _finish(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.write(self._answer)
+            t.close()
+        self._transport = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._refuser.refusing -= 1
+        self._transport = None
+
+
+class Refuser:
+    """The refusals of one server: each counted, logged at most once a minute."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.refusing = 0  # refused connections whose request head is being read
+        self._refused = 0  # since the last warning
+        self._warned = -WARN_EVERY
+        self._answer = _raw_503(limit)
+
+    def refuse(self) -> Refusal:
+        CONNECTIONS_REFUSED.labels("max_connections").inc()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY:
+            log.warning(
+                "client connections refused: the process holds as many as it takes",
+                extra={"max_connections": self.limit, "refused": self._refused},
+            )
+            self._warned = now
+            self._refused = 0
+        return Refusal(self, self._answer, linger=self.refusing < REFUSING_MAX)

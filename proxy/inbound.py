@@ -20,16 +20,14 @@ with plain loop timers armed only when a deadline starts (a connection opens, th
 first byte of a head arrives, the transport pauses writing), never per write or per
 read. `LimitedRunner` is the `web.AppRunner` that serves its connections with it.
 
-A connection beyond `max_connections` (proxy/capacity.py: what the open-file limit
-allows) gets `Refusal` instead: its request head is read, a 503
-`too_many_connections` goes out with `Connection: close`, and it is closed.
+A connection beyond `max_connections` (what the open-file limit allows) is answered
+by proxy/capacity.py's `Refuser` instead: a 503 `too_many_connections`, then closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
@@ -37,9 +35,9 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from proxy.capacity import Refuser
 from proxy.config import ClientTimeouts
 from proxy.errors import ProxyError
-from proxy.metrics import CONNECTIONS_REFUSED
 
 log = logging.getLogger("chat_proxy.inbound")
 
@@ -235,76 +233,6 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
 
-def _raw_503(limit: int) -> bytes:
-    body = ProxyError(
-        503,
-        f"The proxy holds as many connections as it takes ({limit}, its "
-        "server.max_connections or what its open-file limit allows); try again shortly.",
-        code="too_many_connections",
-    ).to_bytes()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Retry-After: 1\r\n"
-        "retry-after-ms: 1000\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-# a refused connection is logged at most once a minute, with the count since
-WARN_EVERY = 60.0
-# how long and how much of a refused connection's request head is read before the 503
-REFUSAL_READ_SECONDS = 1.0
-REFUSAL_READ_BYTES = 65536
-# refused connections read at once, at most (each holds a descriptor meanwhile); more
-# get the 503 written and are closed at once, whether or not the client reads it
-REFUSING_MAX = 32
-
-
-class Refusal(asyncio.Protocol):
-    """A connection over the limit: read its request head (so that the client, still
-    sending, is not reset before it reads the answer), answer 503, close."""
-
-    __slots__ = ("_answer", "_linger", "_read", "_server", "_timer", "_transport")
-
-    def __init__(self, server: LimitedServer, answer: bytes, linger: bool) -> None:
-        self._server = server
-        self._answer = answer
-        self._linger = linger  # read the head first (False: answer and close at once)
-        self._read = 0
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        if not self._linger:
-            self._finish()
-            return
-        self._server._refusing += 1
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_READ_SECONDS, self._finish)
-
-    def data_received(self, data: bytes) -> None:
-        self._read += len(data)
-        if b"\r\n\r\n" in data or self._read >= REFUSAL_READ_BYTES:
-            self._finish()
-
-    def _finish(self) -> None:
-        t = self._transport
-        if t is not None and not t.is_closing():
-            t.write(self._answer)
-            t.close()
-        self._transport = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._server._refusing -= 1
-        self._transport = None
-
-
 class LimitedServer(Server):
     """aiohttp's low-level server, whose connections are `ClientConnection`s, at most
     `max_connections` of them at once (None: no limit of its own)."""
@@ -319,16 +247,13 @@ class LimitedServer(Server):
     ) -> None:
         super().__init__(handler, **kwargs)
         self.timeouts = timeouts
-        self.max_connections = max_connections
-        self._refused = 0  # since the last warning
-        self._refusing = 0  # refused connections whose request head is being read
-        self._warned = -WARN_EVERY
+        self.refuser = Refuser(max_connections) if max_connections is not None else None
 
     def __call__(self) -> RequestHandler:
-        limit = self.max_connections
-        if limit is not None and len(self._connections) >= limit:
+        refuser = self.refuser
+        if refuser is not None and len(self._connections) >= refuser.limit:
             # the loop takes any protocol; aiohttp's annotation names its own
-            return self._refuse(limit)  # type: ignore[return-value]
+            return refuser.refuse()  # type: ignore[return-value]
         return ClientConnection(
             self,
             header_timeout=self.timeouts.header,
@@ -336,19 +261,6 @@ class LimitedServer(Server):
             loop=self._loop,
             **self._kwargs,
         )
-
-    def _refuse(self, limit: int) -> Refusal:
-        CONNECTIONS_REFUSED.labels("max_connections").inc()
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._warned >= WARN_EVERY:
-            log.warning(
-                "client connections refused: the process holds as many as it takes",
-                extra={"max_connections": limit, "refused": self._refused},
-            )
-            self._warned = now
-            self._refused = 0
-        return Refusal(self, _raw_503(limit), linger=self._refusing < REFUSING_MAX)
 
 
 class LimitedRunner(web.AppRunner):

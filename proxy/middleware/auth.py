@@ -24,7 +24,7 @@ import binascii
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -359,13 +359,15 @@ def auth(options: AuthOptions, ctx: BuildContext) -> Feature:
                 code="model_not_allowed",
             )
 
-    async def auth_middleware(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def auth_middleware(ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
+        # a plain function handing on the next handler's awaitable: no coroutine of
+        # its own alive for the whole of a stream
         if custom_header:
             ex.upstream_drop_headers.add(drop)
         identity = authenticate(ex)
         if ex.route is MODELS and "*" not in identity.models:
             ex.body_transforms.append(_models_filter(ex, identity))
-        return await call_next(ex)
+        return call_next(ex)
 
     # the sessions page comes with the keys: it is for keys with the admin scope
     return Feature(

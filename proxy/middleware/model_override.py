@@ -17,7 +17,7 @@ for the model instead of the backend's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
@@ -100,20 +100,22 @@ def model_override(options: ModelOverrideOptions, ctx: BuildContext) -> Middlewa
             )
         return {**doc, "data": [*items, *added]} if added else doc
 
-    async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def mw(ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
+        # a plain function handing on the next handler's awaitable: no coroutine of
+        # its own alive for the whole of a stream
         ex.model_resolver = resolver_for(ex)
         if ex.route is MODELS:
             if aliases:
                 ex.body_transforms.append(add_aliases)
-            return await call_next(ex)
+            return call_next(ex)
         body = ex.body
         if (ex.route is not CHAT and ex.route is not PASSTHROUGH) or not isinstance(body, dict):
-            return await call_next(ex)
+            return call_next(ex)
         sent = body.get("model")
         client_name = sent if isinstance(sent, str) and sent else None
         chosen = forced(ex) or client_name or options.default
         if chosen is None:
-            return await call_next(ex)
+            return call_next(ex)
         target = resolve(chosen)
         if target != sent:
             body["model"] = target
@@ -121,7 +123,7 @@ def model_override(options: ModelOverrideOptions, ctx: BuildContext) -> Middlewa
             shown = ex.requested_model or chosen
             ex.event_transforms.append(ReportModel(shown))
             ex.body_transforms.append(lambda doc: _with_model(doc, shown))
-        return await call_next(ex)
+        return call_next(ex)
 
     return mw
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
@@ -535,15 +535,17 @@ def validate_body(body: dict[str, Any], options: ValidateOptions) -> list[str]:
 
 @register("validate", ValidateOptions)
 def validate(options: ValidateOptions, ctx: BuildContext) -> Middleware:
-    async def mw(ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def mw(ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
+        # a plain function handing on the next handler's awaitable: no coroutine of
+        # its own alive for the whole of a stream
         body = ex.body
         if ex.route is not CHAT or body is None:
-            return await call_next(ex)
+            return call_next(ex)
         unknown = validate_body(body, options)
         if unknown and options.extra_params == "drop":
             for name in unknown:
                 del body[name]
             ex.dropped_params = unknown
-        return await call_next(ex)
+        return call_next(ex)
 
     return mw
