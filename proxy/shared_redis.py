@@ -23,18 +23,30 @@ Every connection error is retried once at once (a pooled connection left broken 
 restart or a failover reconnects, to the new master where there is one); nothing
 waits longer. The callers bound their own waits (the limiter 1 s, a session lookup
 2 s).
+
+`send` is the request path's round trip on one server or a Sentinel-managed master:
+its commands packed in one piece by hiredis (C) and written on one connection of the
+pool, the replies read in order. redis-py's own pipelines pack each argument in
+Python, growing the buffer argument by argument, and take a third of the proxy's
+time per request with the full chain on Redis (py-spy, bench/stores.py's load); a
+cluster keeps them, since they route each command to its node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
+import hiredis
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from proxy.config import StoreConfig
 
@@ -142,3 +154,111 @@ async def close_pool(shared: SharedRedis) -> None:
     await shared.disconnect()
     if isinstance(shared, SentinelConnectionPool):
         await shared.sentinel_manager.aclose()
+
+
+# the connections the lanes keep between their round trips, by pool: taken from the
+# pool once and given back only when broken (redis-py 8's pool takes and releases a
+# connection through several awaits, a lock and its own metrics each time)
+KEPT_MAX = 64  # more are given back to the pool
+
+
+class _Lane:
+    """The sends of one pool: those made in one turn of the event loop go out
+    together, in one write on one connection, and each gets its own replies."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[tuple[bytes, int, asyncio.Future[list[Any]]]] = []
+        self.kept: list[Any] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        if not self.pending:
+            self.loop.call_soon(self._flush)
+        self.pending.append((payload, count, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        task = self.loop.create_task(self._run(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, batch: list[tuple[bytes, int, asyncio.Future[list[Any]]]]) -> None:
+        for attempt in (0, 1):
+            conn = None
+            try:
+                conn = self.kept.pop() if self.kept else await self.pool.get_connection()
+                await conn.send_packed_command(b"".join([b[0] for b in batch]), check_health=False)
+                while batch:
+                    _, count, future = batch[0]
+                    replies: list[Any] = []
+                    for _ in range(count):
+                        try:
+                            replies.append(await conn.read_response())
+                        except ResponseError as exc:
+                            replies.append(exc)
+                    batch.pop(0)
+                    if not future.done():  # a caller that gave up is not answered
+                        future.set_result(replies)
+            except RedisConnectionError as exc:
+                # a restart or a failover: the other kept connections are as stale;
+                # the sends not answered go once more on a new connection
+                if conn is not None:
+                    await self._give_back(conn)
+                while self.kept:
+                    await self._give_back(self.kept.pop())
+                if attempt:
+                    self._fail(batch, exc)
+                    return
+                continue
+            except BaseException as exc:
+                if conn is not None:
+                    await self._give_back(conn)
+                self._fail(batch, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            if len(self.kept) < KEPT_MAX:
+                self.kept.append(conn)
+            else:
+                await self.pool.release(conn)
+            return
+
+    @staticmethod
+    def _fail(
+        batch: list[tuple[bytes, int, asyncio.Future[list[Any]]]], exc: BaseException
+    ) -> None:
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(
+                    exc if isinstance(exc, Exception) else RedisConnectionError("cancelled")
+                )
+
+    async def _give_back(self, conn: Any) -> None:
+        """A connection whose replies may not all have been read: closed, and given
+        back to the pool (which reconnects it when next used)."""
+        await conn.disconnect(nowait=True)
+        await self.pool.release(conn)
+
+
+_lanes: weakref.WeakKeyDictionary[Any, _Lane] = weakref.WeakKeyDictionary()
+
+
+async def send(client: Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """`commands` in one round trip (not a transaction) on a connection of `client`'s
+    pool, together with the other sends of the same turn of the event loop; their
+    replies in order, a `ResponseError` (such as NoScriptError) in the place of a
+    command that failed. After a connection error the sends not yet answered are
+    sent once more, on a new connection. The connection is read to the last reply
+    of the write even when a caller gives up (its replies are dropped), or closed,
+    so that no reply ever answers another command."""
+    payload = b"".join([hiredis.pack_command(command) for command in commands])
+    # redis-py's get_connection is wrapped by a deprecation decorator that hides its type
+    pool: Any = client.connection_pool
+    lane = _lanes.get(pool)
+    if lane is None or lane.loop is not asyncio.get_running_loop():
+        lane = _lanes[pool] = _Lane(pool)
+    return await lane.add(payload, len(commands))

@@ -14,6 +14,8 @@ a second, so a dead Redis does not stall requests.
 The three keys of a client carry a hash tag (`P rl:{KEY}:req`, `:tok`, `:conc`), so
 on a Redis Cluster they share a slot and one script reaches all of them; through
 Sentinel the counters are on the master the sentinels name (proxy/shared_redis.py).
+On one server or through Sentinel the scripts go out by `shared_redis.send` (packed
+in C, one write); on a cluster through redis-py, which routes them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from proxy.config import StoreConfig
 from proxy.ratelimit import StoreError
 from proxy.ratelimit.algorithm import PERIOD, Decision, Quota, Window
-from proxy.shared_redis import MAX_CONNECTIONS, SharedRedis, client_for, close_pool, open_pool
+from proxy.shared_redis import (
+    MAX_CONNECTIONS,
+    SharedRedis,
+    client_for,
+    close_pool,
+    open_pool,
+    send,
+)
 
 log = logging.getLogger("chat_proxy.rate_limit")
 
@@ -235,7 +244,7 @@ class RedisLimiter:
         ]
         found: Any = None
         if also is None:
-            raw: Any = await self._call(self._check(keys=keys, args=args))
+            raw: Any = await self._call(self._one(self._check, keys, args))
         else:
             raw, found = await self._call(self._check_and(keys, args, also))
         allowed, c_ok, r_ok, t_ok, r_rem, r_reset, t_rem, t_reset, retry, in_flight = (
@@ -278,26 +287,40 @@ class RedisLimiter:
                 )
             )
         else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)
-                pipe.execute_command(
-                    "EVALSHA", script.sha, len(extra_keys), *extra_keys, *extra_args
-                )
-                results = await pipe.execute(raise_on_error=False)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # a server that does not know the scripts yet (started, restarted,
-                # flushed): each call loads its own, one after the other this once
-                results = [await self._check(keys=keys, args=args), None]
-                try:
-                    results[1] = await script(keys=extra_keys, args=extra_args)
-                except (RedisError, RedisClusterException, OSError) as exc:
-                    results[1] = exc
+            results = await self._scripts(
+                [(self._check, keys, args), (script, extra_keys, extra_args)]
+            )
         raw, found = results
         if isinstance(raw, BaseException):
             raise raw
         if isinstance(found, BaseException):
             return raw, LookupFailed(f"{type(found).__name__}: {found}")
         return raw, found
+
+    async def _scripts(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """Scripts in one round trip (one server or a Sentinel-managed master): their
+        answers in order, an error in the place of a script that failed. A script the
+        server does not know yet (started, restarted, flushed) is loaded, and only
+        the calls that failed for it are sent again, this once."""
+        commands = [("EVALSHA", sc.sha, len(k), *k, *a) for sc, k, a in calls]
+        replies = await send(self.client, commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            for i in missing:
+                await self.client.script_load(calls[i][0].script)
+            again = await send(self.client, [commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _one(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """One script's answer; its error raised."""
+        if self.cluster:
+            return await script(keys=keys, args=args)
+        (reply,) = await self._scripts([(script, keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     async def settle(self, key: str, quota: Quota, lease: str | None, token_delta: int) -> None:
         keys = self._keys(key)
@@ -311,7 +334,7 @@ class RedisLimiter:
         if lease is None and not (tpm and token_delta):
             return
         args: list[int | str] = [tpm, token_delta, lease or "", self.period_ms]
-        await self._call(self._settle(keys=[keys[1], keys[2]], args=args))
+        await self._call(self._one(self._settle, [keys[1], keys[2]], args))
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -326,7 +349,7 @@ class RedisLimiter:
                     continue
                 try:
                     await self._call(
-                        self._renew(keys=[set_key], args=[round(self.lease * 1000), *members])
+                        self._one(self._renew, [set_key], [round(self.lease * 1000), *members])
                     )
                 except StoreError as exc:
                     log.debug("could not renew in-flight leases: %s", exc)

@@ -60,3 +60,75 @@ middleware:
         assert holder.limiter.client.connection_pool is pool
     finally:
         await drop_keys(prefix)
+
+
+async def test_send_answers_each_command_in_order_an_error_in_its_place() -> None:
+    require_redis()
+    from redis.exceptions import ResponseError
+
+    from proxy.shared_redis import send
+
+    key = f"chat-proxy-test-send-{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        replies = await send(
+            client,
+            [("SET", key, "héllo"), ("INCR", key), ("GET", key), ("DEL", key)],
+        )
+        assert replies[0] is True or replies[0] == "OK"
+        assert isinstance(replies[1], ResponseError)
+        assert replies[2] == "héllo"
+        assert replies[3] == 1
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_caller_that_gives_up_leaves_no_reply_for_the_next() -> None:
+    """A send whose caller is cancelled runs to its reply, which is dropped: it never
+    answers the command sent after it."""
+    require_redis()
+    import asyncio
+
+    from proxy.shared_redis import send
+
+    key = f"chat-proxy-test-send-{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    other = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await other.set(key + ":v", "mine")
+        waiting = asyncio.ensure_future(send(client, [("BLPOP", key, 2)]))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert waiting.cancelled()
+        await other.rpush(key, "late")  # what the BLPOP takes, for nobody
+        for _ in range(3):
+            assert await send(client, [("GET", key + ":v")]) == ["mine"]
+        await asyncio.sleep(0.3)
+        assert await other.llen(key) == 0  # taken by the BLPOP that was sent
+    finally:
+        await other.delete(key, key + ":v")
+        await other.aclose()
+        await client.aclose()
+
+
+async def test_sends_of_one_turn_share_a_write_and_each_gets_its_own_replies() -> None:
+    require_redis()
+    import asyncio
+
+    from proxy.shared_redis import send
+
+    prefix = f"chat-proxy-test-send-{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        results = await asyncio.gather(
+            *(
+                send(client, [("INCRBY", f"{prefix}:{i}", i), ("GET", f"{prefix}:{i}")])
+                for i in range(50)
+            )
+        )
+        assert results == [[i, str(i)] for i in range(50)]
+    finally:
+        await client.delete(*(f"{prefix}:{i}" for i in range(50)))
+        await client.aclose()

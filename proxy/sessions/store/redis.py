@@ -64,7 +64,7 @@ from proxy.sessions.store.base import (
     UnknownCursor,
     session_from_row,
 )
-from proxy.shared_redis import SharedRedis, client_for, close_pool
+from proxy.shared_redis import SharedRedis, client_for, close_pool, send
 
 _FIND = """
 local sid = redis.call('GET', KEYS[1])
@@ -344,7 +344,10 @@ class RedisStore:
 
     async def find_session(self, owner: str, digest: str) -> str | None:
         script, keys, args = self.find_call(owner, digest)
-        found = await script(keys=keys, args=args)
+        if self.cluster:
+            found = await script(keys=keys, args=args)
+        else:
+            (found,) = await self._send([("EVALSHA", script.sha, len(keys), *keys, *args)])
         return str(found) if found else None
 
     def find_call(self, owner: str, digest: str) -> tuple[AsyncScript, list[str], list[str]]:
@@ -357,22 +360,25 @@ class RedisStore:
     async def record_turns(self, records: Sequence[TurnRecord]) -> None:
         if not records:
             return
-
-        async def fill(pipe: Pipe) -> None:
-            for rec in records:
-                o = _owner_key(rec.owner)
-                turn = (
-                    rec.text if rec.text is not None else json.dumps(rec.turn, ensure_ascii=False)
-                )
-                if rec.opening is None:
-                    first = turn
-                elif rec.first_text is not None:
-                    first = rec.first_text
-                else:
-                    first = json.dumps(rec.first_turn(), ensure_ascii=False)
-                ttl = max(1, int(rec.digest_ttl)) if rec.digest_ttl else 0
-                at = repr(rec.at)
-                args: list[Any] = [
+        commands: list[tuple[Any, ...]] = []
+        for rec in records:
+            o = _owner_key(rec.owner)
+            turn = rec.text if rec.text is not None else json.dumps(rec.turn, ensure_ascii=False)
+            if rec.opening is None:
+                first = turn
+            elif rec.first_text is not None:
+                first = rec.first_text
+            else:
+                first = json.dumps(rec.first_turn(), ensure_ascii=False)
+            ttl = max(1, int(rec.digest_ttl)) if rec.digest_ttl else 0
+            at = repr(rec.at)
+            keys = self._keys(o, rec.session_id)
+            commands.append(
+                (
+                    "EVALSHA",
+                    self._record.sha,
+                    len(keys),
+                    *keys,
                     rec.session_id,
                     at,
                     rec.source,
@@ -389,16 +395,40 @@ class RedisStore:
                     rec.writer,
                     rec.seq,
                     *rec.digests,
-                ]
-                await self._eval(pipe, self._record, self._keys(o, rec.session_id), args)
-                # the purge index, after the turn: as late as the session or later
-                await self._eval(
-                    pipe, self._raise, [self._all_sessions], [f"{o}:{rec.session_id}", at]
                 )
-            if self.wait_replica:
-                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+            )
+            # the purge index, after the turn: as late as the session or later
+            commands.append(
+                ("EVALSHA", self._raise.sha, 1, self._all_sessions, f"{o}:{rec.session_id}", at)
+            )
+        if self.wait_replica:
+            commands.append(("WAIT", 1, REPLICA_WAIT_MS))
+        if self.cluster:
 
-        await self._pipeline(fill)
+            async def fill(pipe: Pipe) -> None:
+                for command in commands:
+                    pipe.execute_command(*command)
+
+            await self._pipeline(fill)
+            return
+        await self._send(commands)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands in one round trip on one server or a Sentinel-managed master
+        (`shared_redis.send`); after NOSCRIPT (a server restarted, flushed or
+        promoted) the scripts are loaded and the commands that failed for it alone
+        are sent again, this once. The first error is raised."""
+        replies = await send(self._r, commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._load_scripts()
+            again = await send(self._r, [commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     async def get_session(self, owner: str, session_id: str) -> Session | None:
         keys = self._keys(_owner_key(owner), session_id)
