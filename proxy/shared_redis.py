@@ -35,6 +35,7 @@ cluster keeps them, since they route each command to its node.
 from __future__ import annotations
 
 import asyncio
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -47,6 +48,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.config import StoreConfig
 
@@ -192,17 +194,20 @@ class _Lane:
             try:
                 conn = self.kept.pop() if self.kept else await self.pool.get_connection()
                 await conn.send_packed_command(b"".join([b[0] for b in batch]), check_health=False)
-                while batch:
-                    _, count, future = batch[0]
-                    replies: list[Any] = []
-                    for _ in range(count):
-                        try:
-                            replies.append(await conn.read_response())
-                        except ResponseError as exc:
-                            replies.append(exc)
-                    batch.pop(0)
-                    if not future.done():  # a caller that gave up is not answered
-                        future.set_result(replies)
+                # one deadline for the write's replies, not one for each (math.inf:
+                # redis-py's read sets none of its own)
+                async with asyncio.timeout(conn.socket_timeout or SOCKET_TIMEOUT):
+                    while batch:
+                        _, count, future = batch[0]
+                        replies: list[Any] = []
+                        for _ in range(count):
+                            try:
+                                replies.append(await conn.read_response(timeout=math.inf))
+                            except ResponseError as exc:
+                                replies.append(exc)
+                        batch.pop(0)
+                        if not future.done():  # a caller that gave up is not answered
+                            future.set_result(replies)
             except RedisConnectionError as exc:
                 # a restart or a failover: the other kept connections are as stale;
                 # the sends not answered go once more on a new connection
@@ -217,6 +222,8 @@ class _Lane:
             except BaseException as exc:
                 if conn is not None:
                     await self._give_back(conn)
+                if type(exc) is TimeoutError:
+                    exc = RedisTimeoutError("no reply from Redis in time")
                 self._fail(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
