@@ -922,6 +922,16 @@ class Bench:
             self.stop_target(t)
             self.procs.stop(backend)
 
+    def stores(self) -> dict[str, Any]:
+        """bench/stores.py: the full chain on SQLite, Redis and PostgreSQL, and two
+        workers against one on Redis."""
+        out = self.run / "stores.json"
+        self.procs.run_tool(
+            [str(PROJECT_PY), str(BENCH / "stores.py"), "--output", str(out)], timeout=900
+        )
+        res: dict[str, Any] = json.loads(out.read_text())
+        return res
+
     def limits(self) -> dict[str, Any]:
         """bench/limits.py: a full backend pool and the open-file limit reached."""
         out = self.run / "limits.json"
@@ -1250,6 +1260,7 @@ def checks(
     args: argparse.Namespace,
     streams10k: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    stores: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     T = results
     out: list[dict[str, Any]] = []
@@ -1405,6 +1416,28 @@ def checks(
             f"p50 {fmt(g(s, 'delay_ms', '50'), 1)}, max {fmt(g(s, 'delay_ms', 'max'), 1)} ms; "
             f"{s['events_measured']:,} events; {describe_gc(s['gc'])}",
         )
+    if stores and "skipped" not in stores:
+        tp = stores["throughput"]
+        add(
+            "full chain on Redis / on SQLite, req/s at c=64",
+            stores["ratio_redis_sqlite"],
+            ">=",
+            0.8,
+            "x",
+            f"{fmt(tp['redis']['c64_median']['rps'], 0)} vs {fmt(tp['sqlite']['c64_median']['rps'], 0)} "
+            f"req/s (bench/stores.py; proxy CPU {fmt(tp['redis']['c64_median']['proxy_cpu_ms_per_request'], 3)} "
+            f"vs {fmt(tp['sqlite']['c64_median']['proxy_cpu_ms_per_request'], 3)} ms a request)",
+        )
+        sc = stores.get("scaling")
+        if sc:
+            add(
+                "two workers / one, full chain on Redis, req/s at c=64",
+                sc["ratio"],
+                ">=",
+                1.7,
+                "x",
+                f"{fmt(sc['2']['rps'], 0)} vs {fmt(sc['1']['rps'], 0)} req/s, nothing pinned",
+            )
     pool = g(limits, "pool_full")
     if pool:
         # clear: the answer names the limit, and a metric tells it from a backend down
@@ -1600,6 +1633,11 @@ def main() -> int:
     )
     parser.add_argument("--streams10k", type=int, default=10000, help="streams at once")
     parser.add_argument(
+        "--no-stores",
+        action="store_true",
+        help="skip the stores scenario (the full chain on each store, two workers on Redis)",
+    )
+    parser.add_argument(
         "--no-limits",
         action="store_true",
         help="skip the limits scenario (a full backend pool, the open-file limit)",
@@ -1750,6 +1788,22 @@ def main() -> int:
                     s = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
                 streams10k[config] = s
                 say("  " + (s["skipped"] if "skipped" in s else describe_10k(s)))
+        stores: dict[str, Any] = {}
+        if not args.no_stores and (not selected or "chat-proxy" in selected):
+            say("stores: the full chain on SQLite, Redis and PostgreSQL; two workers on Redis")
+            try:
+                stores = bench.stores()
+            except Exception as exc:
+                stores = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
+            say(
+                "  "
+                + (
+                    stores["skipped"]
+                    if "skipped" in stores
+                    else f"Redis / SQLite {stores['ratio_redis_sqlite']:.2f}; two workers / one "
+                    f"{(stores.get('scaling') or {}).get('ratio') or 0:.2f}"
+                )
+            )
         limits: dict[str, Any] = {}
         if not args.no_limits and (not selected or "chat-proxy" in selected):
             say("limits: a full backend pool, the open-file limit")
@@ -1776,8 +1830,9 @@ def main() -> int:
             "streams": streams,
             "streams10k": streams10k,
             "limits": limits,
+            "stores": stores,
         }
-        report["checks"] = checks(results, streams, args, streams10k, limits)
+        report["checks"] = checks(results, streams, args, streams10k, limits, stores)
         text = markdown(report)
         report["markdown"] = text
         out = Path(args.output)

@@ -18,11 +18,18 @@ Measured, for each store: wrk at concurrency 1 and 64 (requests per second, late
 p50 and p99, rounds interleaved across the stores, medians), the CPU time the proxy
 and the store server spent per request; then two fresh proxy processes on one store,
 a key limited to 50 requests a minute, 200 requests at once split between them: how
-many were admitted (exact: 50; counted per process: 100).
+many were admitted (exact: 50; counted per process: 100). Targets: Redis at least 0.8
+of SQLite's requests a second at c=64, in the same run.
 
-Results: bench/results/stores.json (every figure and round) and stores.md, with the
-date and the machine. Talks only to 127.0.0.1 and stops every process it started.
-About two minutes.
+Two workers against one (`--no-scaling` leaves it out): the full chain on Redis served
+by `serve --workers 1` and `--workers 2`, nothing pinned (the workers share the
+machine's CPUs with wrk, nginx and Redis), interleaved rounds at c=64; target: two
+workers at least 1.7 times one.
+
+Results: bench/results/stores.json (every figure and round; `--output` elsewhere) and
+stores.md beside it, with the date and the machine; bench/run runs it as its `stores`
+scenario. Talks only to 127.0.0.1 and stops every process it started. About three
+minutes.
 """
 
 from __future__ import annotations
@@ -342,7 +349,9 @@ class Run:
 
     # -- the proxies --
 
-    def start_proxy(self, store: str, name: str, cpus: set[int] | None) -> tuple[Any, int]:
+    def start_proxy(
+        self, store: str, name: str, cpus: set[int] | None, workers: int = 1
+    ) -> tuple[Any, int]:
         port = free_port()
         conf = self.dir / f"{name}.yaml"
         conf.write_text(
@@ -356,8 +365,19 @@ class Run:
                 limit=EXACT_LIMIT,
             )
         )
-        proc = self.start(name, [str(PY), "-m", "proxy", "serve", "--config", str(conf)], cpus)
+        argv = [str(PY), "-m", "proxy", "serve", "--config", str(conf)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        proc = self.start(name, argv, cpus)
         self.wait_port(port, proc, name)
+        if workers > 1:
+            # every worker listening: the parent logs each one's start
+            deadline = time.monotonic() + 30
+            log = self.dir / f"{name}.log"
+            while log.read_text(errors="replace").count('"chat-proxy listening"') < workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: not every worker started; see {log}")
+                time.sleep(0.1)
         return proc, port
 
     def warnings(self, name: str) -> dict[str, int]:
@@ -373,7 +393,7 @@ class Run:
                         seen[line[:200]] += 1
         return dict(seen)
 
-    def wrk(self, port: int, conns: int, seconds: float) -> dict[str, Any]:
+    def wrk(self, port: int, conns: int, seconds: float, pinned: bool = True) -> dict[str, Any]:
         body = self.dir / "body.json"
         if not body.exists():
             body.write_bytes(BODY)
@@ -388,7 +408,7 @@ class Run:
             str(BENCH / "wrk.lua"),
             f"http://127.0.0.1:{port}/v1/chat/completions",
         ]
-        if self.other_cpus is not None:
+        if self.other_cpus is not None and pinned:
             argv = ["taskset", "-c", ",".join(map(str, self.other_cpus)), *argv]
         env = {
             **os.environ,
@@ -461,6 +481,39 @@ class Run:
                 median(store_cpu) if all(v is not None for v in store_cpu) else None
             )
             out[store]["c64_median"]["errors"] = sum(x["errors"] for x in rounds)
+        return out
+
+    # -- two workers against one --
+
+    def scaling(self) -> dict[str, Any]:
+        """The full chain on Redis served by `--workers 1` and `--workers 2`, nothing
+        pinned (the workers, wrk, nginx and Redis share the machine's CPUs), in
+        interleaved rounds at c=64: the requests a second of each, their ratio."""
+        out: dict[str, Any] = {}
+        running = {
+            n: self.start_proxy("redis", f"proxy-workers-{n}", None, workers=n) for n in (1, 2)
+        }
+        try:
+            rounds: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+            for port in (p for _, p in running.values()):
+                self.wrk(port, 16, 2, pinned=False)
+            for r in range(self.args.rounds):
+                for n, (_, port) in running.items():
+                    res = self.wrk(port, 64, self.args.seconds, pinned=False)
+                    rounds[n].append(res)
+                    say(f"  round {r + 1} --workers {n}: {res['rps']:.0f} req/s")
+        finally:
+            for proc, _ in running.values():
+                self.stop(proc)
+        for n in (1, 2):
+            out[str(n)] = {
+                "rps": median([x["rps"] for x in rounds[n]]),
+                "p50_ms": median([x["p50_ms"] for x in rounds[n]]),
+                "p99_ms": median([x["p99_ms"] for x in rounds[n]]),
+                "errors": sum(x["errors"] for x in rounds[n]),
+                "warnings": self.warnings(f"proxy-workers-{n}"),
+            }
+        out["ratio"] = out["2"]["rps"] / out["1"]["rps"] if out["1"]["rps"] else None
         return out
 
     # -- the limit across two processes --
@@ -604,6 +657,28 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        f"Redis / SQLite, req/s at c=64: {fmt(report['ratio_redis_sqlite'], 2)} (target 0.8).",
+    ]
+    sc = report.get("scaling")
+    if sc:
+        lines += [
+            "",
+            "The full chain on Redis, `serve --workers 1` and `--workers 2`, nothing pinned "
+            "(the workers, wrk, nginx and Redis share the machine's CPUs), "
+            f"{report['rounds']} interleaved rounds of {report['seconds']:g} s at c=64 (medians):",
+            "",
+            "| workers | req/s | p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for n in ("1", "2"):
+            w = sc[n]
+            lines.append(
+                f"| {n} | {fmt(w['rps'], 0)} | {fmt(w['p50_ms'], 2)} | {fmt(w['p99_ms'], 2)} "
+                f"| {w['errors']} |"
+            )
+        lines += ["", f"Two workers / one: {fmt(sc['ratio'], 2)} (target 1.7)."]
+    lines += [
+        "",
         f"Two fresh proxy processes on one store, a key limited to {EXACT_LIMIT} requests a "
         f"minute, {EXACT_REQUESTS} requests at once split between them:",
         "",
@@ -627,6 +702,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         for msg, n in part["warnings"].items()
     ]
+    for n in ("1", "2") if sc else ():
+        logged += [f"- --workers {n}: {msg} ({k}x)" for msg, k in sc[n]["warnings"].items()]
     lines += ["", "Warnings and errors the proxies logged:", ""]
     lines += logged or ["- none"]
     lines += ["", "Stores:", ""]
@@ -642,6 +719,10 @@ def main() -> int:
     parser.add_argument("--c1-seconds", type=int, default=3, help="the round at c=1 (3)")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--output", default=str(RESULTS / "stores.json"), help="the JSON report (its .md beside)"
+    )
+    parser.add_argument("--no-scaling", action="store_true", help="skip two workers against one")
     args = parser.parse_args()
 
     missing = [b for b in ("wrk", "redis-server") if shutil.which(b) is None]
@@ -670,6 +751,10 @@ def main() -> int:
         run.start_stores()
         say("throughput (full chain):")
         throughput = run.throughput()
+        scaling = None
+        if not args.no_scaling:
+            say("two workers against one (Redis, nothing pinned):")
+            scaling = run.scaling()
         say("two-process limit exactness:")
         exactness = {}
         for store in STORES:
@@ -692,16 +777,21 @@ def main() -> int:
         ),
         "stores": STORE_SETTINGS,
         "throughput": throughput,
+        "ratio_redis_sqlite": (
+            throughput["redis"]["c64_median"]["rps"] / throughput["sqlite"]["c64_median"]["rps"]
+        ),
+        "scaling": scaling,
         "exactness": exactness,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     text = markdown(report)
     print(text)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "stores.json").write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / "stores.md").write_text(text)
-        say(f"wrote {RESULTS / 'stores.json'} and {RESULTS / 'stores.md'}")
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+        say(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
