@@ -925,7 +925,7 @@ class Bench:
     def stores(self) -> dict[str, Any]:
         """bench/stores.py: the full chain on SQLite, Redis and PostgreSQL, and two
         workers against one on Redis."""
-        out = self.run / "stores.json"
+        out = BENCH / "results" / "stores.json"  # and stores.md beside it
         self.procs.run_tool(
             [str(PROJECT_PY), str(BENCH / "stores.py"), "--output", str(out)], timeout=900
         )

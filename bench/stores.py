@@ -488,7 +488,11 @@ class Run:
     def scaling(self) -> dict[str, Any]:
         """The full chain on Redis served by `--workers 1` and `--workers 2`, nothing
         pinned (the workers, wrk, nginx and Redis share the machine's CPUs), in
-        interleaved rounds at c=64: the requests a second of each, their ratio."""
+        interleaved rounds at c=64: the requests a second of each, their ratio, and
+        where the machine's CPU time went (the workers, Redis, nginx, wrk)."""
+        everywhere = set(range(os.cpu_count() or 1))
+        for pid in (self.redis_pid, self.nginx_pid):
+            pin(pid, everywhere)
         out: dict[str, Any] = {}
         running = {
             n: self.start_proxy("redis", f"proxy-workers-{n}", None, workers=n) for n in (1, 2)
@@ -498,19 +502,51 @@ class Run:
             for port in (p for _, p in running.values()):
                 self.wrk(port, 16, 2, pinned=False)
             for r in range(self.args.rounds):
-                for n, (_, port) in running.items():
+                for n, (proc, port) in running.items():
+                    before = (
+                        cpu_seconds(proc.pid),
+                        cpu_seconds(self.redis_pid),
+                        cpu_seconds(self.nginx_pid),
+                        children_cpu(),
+                        machine_busy(),
+                        time.monotonic(),
+                    )
                     res = self.wrk(port, 64, self.args.seconds, pinned=False)
+                    after = (
+                        cpu_seconds(proc.pid),
+                        cpu_seconds(self.redis_pid),
+                        cpu_seconds(self.nginx_pid),
+                        children_cpu(),
+                        machine_busy(),
+                        time.monotonic(),
+                    )
+                    wall = (after[5] - before[5]) * len(everywhere)
+                    res["cpu_share"] = {
+                        name: (after[i] - before[i]) / wall
+                        for i, name in enumerate(("workers", "redis", "nginx", "wrk", "busy"))
+                    }
+                    res["workers_cpu_ms_per_request"] = (
+                        (after[0] - before[0]) * 1000 / max(1, res["requests"])
+                    )
                     rounds[n].append(res)
                     say(f"  round {r + 1} --workers {n}: {res['rps']:.0f} req/s")
         finally:
             for proc, _ in running.values():
                 self.stop(proc)
+            for pid in (self.redis_pid, self.nginx_pid):
+                pin(pid, self.other_cpus)
         for n in (1, 2):
+            rs = rounds[n]
             out[str(n)] = {
-                "rps": median([x["rps"] for x in rounds[n]]),
-                "p50_ms": median([x["p50_ms"] for x in rounds[n]]),
-                "p99_ms": median([x["p99_ms"] for x in rounds[n]]),
-                "errors": sum(x["errors"] for x in rounds[n]),
+                "rps": median([x["rps"] for x in rs]),
+                "p50_ms": median([x["p50_ms"] for x in rs]),
+                "p99_ms": median([x["p99_ms"] for x in rs]),
+                "workers_cpu_ms_per_request": median([x["workers_cpu_ms_per_request"] for x in rs]),
+                "cpu_share": {
+                    k: median([x["cpu_share"][k] for x in rs])
+                    for k in ("workers", "redis", "nginx", "wrk", "busy")
+                },
+                "errors": sum(x["errors"] for x in rs),
                 "warnings": self.warnings(f"proxy-workers-{n}"),
             }
         out["ratio"] = out["2"]["rps"] / out["1"]["rps"] if out["1"]["rps"] else None
@@ -667,14 +703,18 @@ def markdown(report: dict[str, Any]) -> str:
             "(the workers, wrk, nginx and Redis share the machine's CPUs), "
             f"{report['rounds']} interleaved rounds of {report['seconds']:g} s at c=64 (medians):",
             "",
-            "| workers | req/s | p50 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|",
+            "| workers | req/s | p50 ms | p99 ms | workers' CPU ms/req | the machine's CPU: "
+            "workers / Redis / nginx / wrk / busy in all | errors |",
+            "|---|---:|---:|---:|---:|---|---:|",
         ]
         for n in ("1", "2"):
             w = sc[n]
+            share = " / ".join(
+                f"{w['cpu_share'][k]:.0%}" for k in ("workers", "redis", "nginx", "wrk", "busy")
+            )
             lines.append(
                 f"| {n} | {fmt(w['rps'], 0)} | {fmt(w['p50_ms'], 2)} | {fmt(w['p99_ms'], 2)} "
-                f"| {w['errors']} |"
+                f"| {fmt(w['workers_cpu_ms_per_request'], 3)} | {share} | {w['errors']} |"
             )
         lines += ["", f"Two workers / one: {fmt(sc['ratio'], 2)} (target 1.7)."]
     lines += [

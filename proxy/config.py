@@ -2,6 +2,10 @@
 
 Every error carries its path in the file (`middleware[2].rate_limit.requests_per_minute:
 must be a positive integer`) and all errors are reported at once.
+
+Why one module of over 400 lines: every section of the file is a model here, so that
+the whole configuration (and every default) reads in one place, in the order of the
+README's reference.
 """
 
 from __future__ import annotations

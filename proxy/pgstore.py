@@ -12,6 +12,9 @@ proxy exits 2 at start rather than write to tables whose meaning it does not kno
 
 Every call has a timeout that covers waiting for a pooled connection as well as the
 statement; SQL takes its values as parameters only.
+
+Why one module of over 400 lines: the PostgreSQL schema, its versions and every
+statement the store and the limiter send are read together when one of them changes.
 """
 
 from __future__ import annotations

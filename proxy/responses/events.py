@@ -33,6 +33,10 @@ without a finish_reason. Calls after it return no events.
 Empty content deltas, role-only chunks and choices other than index 0 make no
 events. `response` is the final Response object, the same as answer.to_response
 gives for the same answer unstreamed (same item ids), for storing.
+
+Why one module of over 400 lines: the Responses stream is one state machine (the
+items open, their deltas, their ends, in order); split, its states would be read
+across files.
 """
 
 from __future__ import annotations

@@ -78,6 +78,10 @@ How each parameter goes over:
   like) or "drop". Chat Completions fields that the translation itself produces
   (`messages`, `n`, `max_tokens`, `response_format`, ...) are refused in every mode,
   with the Responses parameter to use instead.
+
+Why one module of over 400 lines: every top-level parameter of a Responses request
+and what it becomes is one table, read best in one place (the input items, tools and
+value checks are apart).
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ than the cut-off, and removes an entry only if nobody moved it meanwhile).
 Through Sentinel a batch of turns is acknowledged once a replica has it too (WAIT, 50 ms
 at most), so that a failover right after does not lose it; without a replica in reach
 it is acknowledged on the master's word alone.
+
+Why one module of over 400 lines: the Redis store's keys, its Lua scripts and the
+calls that send them are read together (a key's shape and a script's arguments
+change as one).
 """
 
 from __future__ import annotations

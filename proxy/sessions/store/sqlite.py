@@ -8,6 +8,9 @@ worker processes may share one file; they take turns on its write lock.
 
 The schema is created at open with CREATE ... IF NOT EXISTS, so a file made before a
 table was added (`responses`) gains it the first time it is opened.
+
+Why one module of over 400 lines: every statement of the SQLite store, its schema and
+its two connections are read together when a query or the schema changes.
 """
 
 from __future__ import annotations
