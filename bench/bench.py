@@ -1290,7 +1290,7 @@ def checks(
     bare64 = g(T, "bare_relay", "json_c64", "rps")
     bare_cpu = g(T, "bare_relay", "json_c64", "cpu_us_per_request")
     uv64 = g(T, "bare_relay uvloop", "json_c64", "rps")
-    for name, limit in (("full", 0.5), ("empty", 0.9)):
+    for name, limit in (("full", 0.8), ("empty", 0.9)):
         cpu = g(T, f"chat-proxy {name}", "json_c64", "cpu_us_per_request")
         rps = g(T, f"chat-proxy {name}", "json_c64", "rps")
         add(
