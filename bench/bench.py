@@ -26,6 +26,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -942,6 +943,24 @@ class Bench:
         return res
 
 
+def scenario(
+    wanted: bool,
+    title: str,
+    run: Callable[[], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """A scenario run by another script: its report, or why it was not had."""
+    if not wanted:
+        return {}
+    say(title)
+    try:
+        result = run()
+    except Exception as exc:
+        result = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
+    say("  " + (result["skipped"] if "skipped" in result else summary(result)))
+    return result
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -1788,30 +1807,22 @@ def main() -> int:
                     s = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
                 streams10k[config] = s
                 say("  " + (s["skipped"] if "skipped" in s else describe_10k(s)))
-        stores: dict[str, Any] = {}
-        if not args.no_stores and (not selected or "chat-proxy" in selected):
-            say("stores: the full chain on SQLite, Redis and PostgreSQL; two workers on Redis")
-            try:
-                stores = bench.stores()
-            except Exception as exc:
-                stores = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
-            say(
-                "  "
-                + (
-                    stores["skipped"]
-                    if "skipped" in stores
-                    else f"Redis / SQLite {stores['ratio_redis_sqlite']:.2f}; two workers / one "
-                    f"{(stores.get('scaling') or {}).get('ratio') or 0:.2f}"
-                )
-            )
-        limits: dict[str, Any] = {}
-        if not args.no_limits and (not selected or "chat-proxy" in selected):
-            say("limits: a full backend pool, the open-file limit")
-            try:
-                limits = bench.limits()
-            except Exception as exc:
-                limits = {"skipped": f"failed: {str(exc).splitlines()[0][:200]}"}
-            say("  " + json.dumps(limits)[:600])
+        ours = not selected or "chat-proxy" in selected
+        stores = scenario(
+            ours and not args.no_stores,
+            "stores: the full chain on SQLite, Redis and PostgreSQL; two workers on Redis",
+            bench.stores,
+            lambda r: (
+                f"Redis / SQLite {r['ratio_redis_sqlite']:.2f}; two workers / one "
+                f"{(r.get('scaling') or {}).get('ratio') or 0:.2f}"
+            ),
+        )
+        limits = scenario(
+            ours and not args.no_limits,
+            "limits: a full backend pool, the open-file limit",
+            bench.limits,
+            lambda r: json.dumps(r)[:600],
+        )
         procs.stop_all()  # the backends too: what is left running now is not ours
         load_after = os.getloadavg()[0]
         other = other_work(stat0, times0)

@@ -503,23 +503,9 @@ class Run:
                 self.wrk(port, 16, 2, pinned=False)
             for r in range(self.args.rounds):
                 for n, (proc, port) in running.items():
-                    before = (
-                        cpu_seconds(proc.pid),
-                        cpu_seconds(self.redis_pid),
-                        cpu_seconds(self.nginx_pid),
-                        children_cpu(),
-                        machine_busy(),
-                        time.monotonic(),
-                    )
+                    before = self._cpu_sample(proc.pid)
                     res = self.wrk(port, 64, self.args.seconds, pinned=False)
-                    after = (
-                        cpu_seconds(proc.pid),
-                        cpu_seconds(self.redis_pid),
-                        cpu_seconds(self.nginx_pid),
-                        children_cpu(),
-                        machine_busy(),
-                        time.monotonic(),
-                    )
+                    after = self._cpu_sample(proc.pid)
                     wall = (after[5] - before[5]) * len(everywhere)
                     res["cpu_share"] = {
                         name: (after[i] - before[i]) / wall
@@ -551,6 +537,18 @@ class Run:
             }
         out["ratio"] = out["2"]["rps"] / out["1"]["rps"] if out["1"]["rps"] else None
         return out
+
+    def _cpu_sample(self, proxy_pid: int) -> tuple[float, ...]:
+        """CPU seconds so far of the proxy (its workers), Redis, nginx, the finished
+        wrk runs, the whole machine; and the time."""
+        return (
+            cpu_seconds(proxy_pid),
+            cpu_seconds(self.redis_pid),
+            cpu_seconds(self.nginx_pid),
+            children_cpu(),
+            machine_busy(),
+            time.monotonic(),
+        )
 
     # -- the limit across two processes --
 
