@@ -254,18 +254,34 @@ class _Lane:
 _lanes: weakref.WeakKeyDictionary[Any, _Lane] = weakref.WeakKeyDictionary()
 
 
-async def send(client: Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+def _expire(future: asyncio.Future[list[Any]]) -> None:
+    if not future.done():
+        future.set_exception(RedisTimeoutError("no reply from Redis in time"))
+
+
+async def send(
+    client: Redis, commands: Sequence[tuple[Any, ...]], timeout: float | None = None
+) -> list[Any]:
     """`commands` in one round trip (not a transaction) on a connection of `client`'s
     pool, together with the other sends of the same turn of the event loop; their
     replies in order, a `ResponseError` (such as NoScriptError) in the place of a
     command that failed. After a connection error the sends not yet answered are
     sent once more, on a new connection. The connection is read to the last reply
     of the write even when a caller gives up (its replies are dropped), or closed,
-    so that no reply ever answers another command."""
+    so that no reply ever answers another command. With `timeout`, a reply not in
+    within that many seconds raises redis-py's TimeoutError (a loop timer, not an
+    `asyncio.timeout` context: the request path's Redis calls each have one)."""
     payload = b"".join([hiredis.pack_command(command) for command in commands])
     # redis-py's get_connection is wrapped by a deprecation decorator that hides its type
     pool: Any = client.connection_pool
     lane = _lanes.get(pool)
     if lane is None or lane.loop is not asyncio.get_running_loop():
         lane = _lanes[pool] = _Lane(pool)
-    return await lane.add(payload, len(commands))
+    future = lane.add(payload, len(commands))
+    if timeout is None:
+        return await future
+    timer = lane.loop.call_later(timeout, _expire, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()

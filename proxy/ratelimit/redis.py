@@ -211,12 +211,16 @@ class RedisLimiter:
         base = f"{self.prefix}rl:{{{key}}}:"
         return [base + "req", base + "tok", base + "conc"]
 
-    async def _call(self, work: Awaitable[T]) -> T:
+    async def _call(self, work: Awaitable[T], timed: bool = True) -> T:
+        """`work`'s answer, within CALL_TIMEOUT (`timed`: here; else `work` bounds
+        itself, as `shared_redis.send` does); a failure is a StoreError."""
         if time.monotonic() < self._down_until:
             if asyncio.iscoroutine(work):
                 work.close()
             raise StoreError("Redis was unreachable a moment ago")
         try:
+            if not timed:
+                return await work
             async with asyncio.timeout(CALL_TIMEOUT):
                 return await work
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
@@ -244,9 +248,9 @@ class RedisLimiter:
         ]
         found: Any = None
         if also is None:
-            raw: Any = await self._call(self._one(self._check, keys, args))
+            raw: Any = await self._call(self._one(self._check, keys, args), self.cluster)
         else:
-            raw, found = await self._call(self._check_and(keys, args, also))
+            raw, found = await self._call(self._check_and(keys, args, also), self.cluster)
         allowed, c_ok, r_ok, t_ok, r_rem, r_reset, t_rem, t_reset, retry, in_flight = (
             int(x) for x in raw
         )
@@ -302,13 +306,16 @@ class RedisLimiter:
         answers in order, an error in the place of a script that failed. A script the
         server does not know yet (started, restarted, flushed) is loaded, and only
         the calls that failed for it are sent again, this once."""
+        started = time.monotonic()
         commands = [("EVALSHA", sc.sha, len(k), *k, *a) for sc, k, a in calls]
-        replies = await send(self.client, commands)
+        replies = await send(self.client, commands, CALL_TIMEOUT)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
-            for i in missing:
-                await self.client.script_load(calls[i][0].script)
-            again = await send(self.client, [commands[i] for i in missing])
+            # within what is left of the call's second
+            async with asyncio.timeout(max(0.0, CALL_TIMEOUT - (time.monotonic() - started))):
+                for i in missing:
+                    await self.client.script_load(calls[i][0].script)
+                again = await send(self.client, [commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
@@ -334,7 +341,7 @@ class RedisLimiter:
         if lease is None and not (tpm and token_delta):
             return
         args: list[int | str] = [tpm, token_delta, lease or "", self.period_ms]
-        await self._call(self._one(self._settle, [keys[1], keys[2]], args))
+        await self._call(self._one(self._settle, [keys[1], keys[2]], args), self.cluster)
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
