@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -47,15 +47,17 @@ def _terminal(upstreams: upstream.Upstreams, before_upstream: tuple[Check, ...])
     """The end of the chain: a feature's own route answers itself; the others go to
     the upstream handler, once the checks that must see the final request pass."""
 
-    async def terminal(ex: Exchange) -> web.StreamResponse:
+    def terminal(ex: Exchange) -> Awaitable[web.StreamResponse]:
+        # a plain function handing on the handler's awaitable: no coroutine of its own
+        # for each request, nor alive for a stream's life
         route = ex.route
         if route.terminal is not None:
-            return await route.terminal(ex)
+            return route.terminal(ex)
         if route is MODELS:
-            return await upstream.list_models(ex, upstreams)
+            return upstream.list_models(ex, upstreams)
         for check in before_upstream:
             check(ex)
-        return await upstream.handle(ex, upstreams, ex.upstream_path)
+        return upstream.handle(ex, upstreams, ex.upstream_path)
 
     return terminal
 
