@@ -3,14 +3,15 @@ rate_limit, validate, session, model_override) with `store.backend: redis`:
 `.venv/bin/python bench/redis_trips.py [--url redis://127.0.0.1:6379/0] [-n 20]`.
 
 Method: the proxy runs in this process (aiohttp's test server) in front of a stand-in
-backend that answers a canned chat.completion. redis-py's connection class is wrapped:
-every `send_packed_command` is one round trip (a pipeline is one, the commands of a
-script run in the server are not counted separately), every `pack_command` one
-command sent; those the session writer's task makes are counted apart. The counts are read when the request reaches the backend (what it cost
-before going upstream), when the response has reached the client and the
-middlewares' `finally` blocks have run (after); the session writer's (off the
-request's path, one batch for every turn queued meanwhile: one turn per batch here,
-where requests come one at a time) are counted in its own task.
+backend that answers a canned chat.completion. Each call of proxy.shared_redis's
+`send` is one round trip (as is each write of redis-py's own connections, for a script
+loaded), each command it packs one command sent (the commands of a script run in the
+server are not counted separately); those the session writer's task makes are counted
+apart. The counts are read when the request reaches the backend (what it cost before
+going upstream), when the response has reached the client and the middlewares'
+`finally` blocks have run (after); the session writer's (off the request's path, one
+batch for every turn queued meanwhile: one turn per batch here, where requests come
+one at a time) are counted in its own task.
 Requests go one at a time, so each phase's counts are that request's alone.
 
 Two conversations: a new one (system prompt and one user message: no session lookup,
@@ -117,25 +118,56 @@ COUNTS = Counts()
 
 
 def instrument() -> None:
+    """Count round trips where the request (or the writer) asks for them: each call of
+    proxy.shared_redis's send is one (its lane may carry several callers' sends in
+    one write; here requests go one at a time), each command it packs one; what goes
+    through redis-py's own connections (a script loaded, a cluster) is counted at
+    the connection, except the lanes' writes, already counted by their callers."""
+    import hiredis
+
+    from proxy import shared_redis
+
     send = AbstractConnection.send_packed_command
     pack = AbstractConnection.pack_command
+    add = shared_redis._Lane.add
 
-    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
-        if _in_writer():
-            COUNTS.writer_trips += 1
-        else:
-            COUNTS.trips += 1
-        await send(self, command, check_health)
-
-    def pack_command(self: Any, *args: Any) -> Any:
+    def count(args: Any) -> None:
         name = str(args[0]).upper()
         if name == "EVALSHA" and len(args) > 1:
             name = f"EVALSHA {COUNTS.names.get(str(args[1]), str(args[1])[:8])}"
         (COUNTS.writer_commands if _in_writer() else COUNTS.commands)[name] += 1
+
+    def trip() -> None:
+        if _in_writer():
+            COUNTS.writer_trips += 1
+        else:
+            COUNTS.trips += 1
+
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        task = asyncio.current_task()
+        if task is None or task.get_name() != "redis-lane":
+            trip()
+        await send(self, command, check_health)
+
+    def pack_command(self: Any, *args: Any) -> Any:
+        count(args)
         return pack(self, *args)
+
+    class Packer:
+        @staticmethod
+        def pack_command(args: Any) -> bytes:
+            count(args)
+            packed: bytes = hiredis.pack_command(args)
+            return packed
+
+    def lane_add(self: Any, payload: bytes, n: int) -> Any:
+        trip()
+        return add(self, payload, n)
 
     AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
     AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+    shared_redis.hiredis = Packer  # type: ignore[assignment]
+    shared_redis._Lane.add = lane_add  # type: ignore[method-assign]
 
 
 def name_scripts() -> None:

@@ -184,7 +184,7 @@ class _Lane:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        task = self.loop.create_task(self._run(batch))
+        task = self.loop.create_task(self._run(batch), name="redis-lane")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
