@@ -8,12 +8,11 @@ from __future__ import annotations
 import errno
 import logging
 import random
-import resource
-import time
 
 from proxy import sse, tracing
 from proxy.backend import BackendResponse as Response
 from proxy.backend import BodyTooLarge, ClientError, ConnectTimeout, Disconnected, PoolFull
+from proxy.capacity import open_file_limit, warn_limit
 from proxy.encoding import CannotDecode, Decoder, content_encoding, undecodable
 from proxy.errors import ProxyError, normalise_backend_error
 from proxy.exchange import Exchange
@@ -39,24 +38,6 @@ class Failure(Exception):
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
-
-
-# a limit reached is logged at most once a minute for each upstream and limit
-WARN_EVERY = 60.0
-_warned: dict[tuple[str, str], float] = {}
-
-
-def warn_limit(up: Upstream, limit: str, message: str, **extra: object) -> None:
-    """A warning that `up` met one of the proxy's limits, at most once a minute."""
-    now = time.monotonic()
-    key = (up.name, limit)
-    if now - _warned.get(key, -WARN_EVERY) >= WARN_EVERY:
-        _warned[key] = now
-        log.warning(message, extra={"upstream": up.name, "limit": limit, **extra})
-
-
-def _open_files() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def backoff(attempt: int, up: Upstream, retry_after: float | None) -> float:
@@ -160,9 +141,9 @@ async def open_answer(
     except PoolFull as exc:
         # every connection in use: the request never left, and may go elsewhere
         warn_limit(
-            up,
-            "max_connections",
+            f"pool:{up.name}",
             "every connection of the upstream's pool is in use: requests are refused",
+            upstream=up.name,
             max_connections=exc.limit,
             waited_seconds=round(exc.waited, 3),
         )
@@ -234,11 +215,11 @@ async def open_answer(
             resp.close()
         if resp is None and exc.errno in (errno.EMFILE, errno.ENFILE):
             # the proxy's own limit, not the backend's fault
-            files = _open_files()
+            files = open_file_limit()
             warn_limit(
-                up,
                 "open_files",
                 "the open-file limit is reached: no connection to the backend could be opened",
+                upstream=up.name,
                 open_files=files,
             )
             raise Failure(

@@ -12,6 +12,10 @@ once the pools and a margin are counted); one more is answered with a 503
 for each connection over the limit), counted in
 `chat_proxy_connections_refused_total{reason="max_connections"}` and logged at
 most once a minute.
+
+`warn_limit` is that log line for every limit of the proxy's own (a backend pool with
+every connection in use, no descriptor left for a backend connection too: see
+proxy/attempt.py), and `open_file_limit` the limit it names.
 """
 
 from __future__ import annotations
@@ -32,6 +36,32 @@ log = logging.getLogger("chat_proxy")
 MARGIN = 64
 # never fewer client connections than this, whatever the limit says
 MINIMUM = 16
+
+
+# a limit reached is logged at most once a minute for each key, with how many times
+# it was reached since the last line
+WARN_EVERY = 60.0
+_warned: dict[str, float] = {}
+_reached: dict[str, int] = {}
+
+
+def warn_limit(key: str, message: str, **extra: object) -> None:
+    """A limit of the proxy's reached: a warning at most once a minute for `key`,
+    whose `times` says how often it was reached since the last one (this time
+    included)."""
+    times = _reached.get(key, 0) + 1
+    now = time.monotonic()
+    if now - _warned.get(key, -WARN_EVERY) < WARN_EVERY:
+        _reached[key] = times
+        return
+    _warned[key] = now
+    _reached[key] = 0
+    log.warning(message, extra={**extra, "times": times})
+
+
+def open_file_limit() -> int:
+    """The process's soft limit on open files now."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def raise_file_limit() -> int:
@@ -79,8 +109,6 @@ def _raw_503(limit: int) -> bytes:
     return head.encode("ascii") + body
 
 
-# a refused connection is logged at most once a minute, with the count since
-WARN_EVERY = 60.0
 # how long and how much of a refused connection's request head is read before the 503
 REFUSAL_READ_SECONDS = 1.0
 REFUSAL_READ_BYTES = 65536
@@ -132,24 +160,18 @@ class Refusal(asyncio.Protocol):
 
 
 class Refuser:
-    """The refusals of one server: each counted, logged at most once a minute."""
+    """The refusals of one server: each counted and (at most once a minute) logged."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.refusing = 0  # refused connections whose request head is being read
-        self._refused = 0  # since the last warning
-        self._warned = -WARN_EVERY
         self._answer = _raw_503(limit)
 
     def refuse(self) -> Refusal:
         CONNECTIONS_REFUSED.labels("max_connections").inc()
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._warned >= WARN_EVERY:
-            log.warning(
-                "client connections refused: the process holds as many as it takes",
-                extra={"max_connections": self.limit, "refused": self._refused},
-            )
-            self._warned = now
-            self._refused = 0
+        warn_limit(
+            "max_connections",
+            "client connections refused: the process holds as many as it takes",
+            max_connections=self.limit,
+        )
         return Refusal(self, self._answer, linger=self.refusing < REFUSING_MAX)

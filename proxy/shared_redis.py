@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
 import hiredis
@@ -47,7 +48,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.config import StoreConfig
@@ -196,18 +197,21 @@ class _Lane:
                 await conn.send_packed_command(b"".join([b[0] for b in batch]), check_health=False)
                 # one deadline for the write's replies, not one for each (math.inf:
                 # redis-py's read sets none of its own)
-                async with asyncio.timeout(conn.socket_timeout or SOCKET_TIMEOUT):
-                    while batch:
-                        _, count, future = batch[0]
-                        replies: list[Any] = []
-                        for _ in range(count):
-                            try:
-                                replies.append(await conn.read_response(timeout=math.inf))
-                            except ResponseError as exc:
-                                replies.append(exc)
-                        batch.pop(0)
-                        if not future.done():  # a caller that gave up is not answered
-                            future.set_result(replies)
+                answered = 0
+                try:
+                    async with asyncio.timeout(conn.socket_timeout or SOCKET_TIMEOUT):
+                        for _, count, future in batch:
+                            replies: list[Any] = []
+                            for _ in range(count):
+                                try:
+                                    replies.append(await conn.read_response(timeout=math.inf))
+                                except ResponseError as exc:
+                                    replies.append(exc)
+                            answered += 1
+                            if not future.done():  # a caller that gave up is not answered
+                                future.set_result(replies)
+                finally:
+                    del batch[:answered]  # what is left was not answered
             except RedisConnectionError as exc:
                 # a restart or a failover: the other kept connections are as stale;
                 # the sends not answered go once more on a new connection
@@ -285,3 +289,29 @@ async def send(
         return await future
     finally:
         timer.cancel()
+
+
+async def send_scripts(
+    client: Redis,
+    commands: Sequence[tuple[Any, ...]],
+    scripts: Mapping[str, Any],
+    timeout: float | None = None,
+) -> list[Any]:
+    """`send`, for commands that include EVALSHA: a server that does not know a script
+    (started, restarted, flushed, promoted) answers NOSCRIPT; the scripts those
+    commands name are then loaded (`scripts`: each one's text by its SHA-1) and those
+    commands alone sent again, this once, so that a script that ran is never run
+    twice. With `timeout`, the whole call is bounded by it."""
+    started = time.monotonic()
+    replies = await send(client, commands, timeout)
+    missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    if not missing:
+        return replies
+    left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+    async with asyncio.timeout(left):
+        for sha in dict.fromkeys(str(commands[i][1]) for i in missing):
+            await client.script_load(scripts[sha])
+        again = await send(client, [commands[i] for i in missing])
+    for i, reply in zip(missing, again, strict=True):
+        replies[i] = reply
+    return replies

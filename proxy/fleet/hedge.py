@@ -121,14 +121,8 @@ def _drop_second(
     replica: Replica,
     task: asyncio.Future[tuple[Response, bytes, Decoder | None]],
 ) -> None:
-    """The hedge lost or failed: its answer closed, its failure recorded, its slot
-    freed."""
-    if task.done() and not task.cancelled():
-        exc = task.exception()
-        if exc is None:
-            task.result()[0].close()
-        elif isinstance(exc, Failure):
-            failed(ex, up, replica, exc)
+    """The hedge lost or failed: as the first attempt that lost, and its slot freed."""
+    _drop_first(ex, up, replica, task)
     release(upstreams, up, replica)
 
 

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from proxy import jsonfast
 from proxy.chain import BuildContext, register
+from proxy.checks import array, boolean, mapping, missing, string
 from proxy.config import Model
 from proxy.errors import ProxyError, invalid_type, invalid_value
 from proxy.exchange import Exchange, Handler, Middleware
@@ -85,29 +86,6 @@ def integer(param: str, value: Any, lo: int, hi: int = MAX_SAFE_INT) -> None:
         else:
             expected = f"an integer between {lo} and {hi}"
         raise invalid_value(param, expected, value)
-
-
-def boolean(param: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise invalid_type(param, "a boolean", value)
-
-
-def string(param: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise invalid_type(param, "a string", value)
-    return value
-
-
-def obj(param: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise invalid_type(param, "an object", value)
-    return value
-
-
-def array(param: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise invalid_type(param, "an array", value)
-    return value
 
 
 # raises ValueError at a NaN or an Infinity; one encoder for every request, and no
@@ -181,17 +159,8 @@ def check_messages(param: str, value: Any, req: Request) -> None:
         check_message(f"{param}[{i}]", message)
 
 
-def missing(param: str) -> ProxyError:
-    return ProxyError(
-        400,
-        f"Missing required parameter: '{param}'.",
-        param=param,
-        code="missing_required_parameter",
-    )
-
-
 def check_message(param: str, value: Any) -> None:
-    message = obj(param, value)
+    message = mapping(param, value)
     role = message.get("role")
     if role is None:
         raise missing(f"{param}.role")
@@ -249,7 +218,7 @@ def check_message(param: str, value: Any) -> None:
 
 
 def check_part(param: str, value: Any) -> None:
-    part = obj(param, value)
+    part = mapping(param, value)
     kind = part.get("type")
     if kind is None:
         raise missing(f"{param}.type")
@@ -259,11 +228,11 @@ def check_part(param: str, value: Any) -> None:
 
 
 def check_tool_call(param: str, value: Any) -> None:
-    call = obj(param, value)
+    call = mapping(param, value)
     string(f"{param}.id", call.get("id"))
     if call.get("type") != "function":
         raise invalid_value(f"{param}.type", "'function'", call.get("type"))
-    function = obj(f"{param}.function", call.get("function"))
+    function = mapping(f"{param}.function", call.get("function"))
     string(f"{param}.function.name", function.get("name"))
     string(f"{param}.function.arguments", function.get("arguments"))
 
@@ -272,7 +241,7 @@ def check_tool_call(param: str, value: Any) -> None:
 
 
 def check_function(param: str, value: Any) -> None:
-    function = obj(param, value)
+    function = mapping(param, value)
     name = string(f"{param}.name", function.get("name"))
     if not TOOL_NAME.fullmatch(name):
         raise invalid_value(
@@ -283,7 +252,7 @@ def check_function(param: str, value: Any) -> None:
     if function.get("description") is not None:
         string(f"{param}.description", function["description"])
     if function.get("parameters") is not None:
-        obj(f"{param}.parameters", function["parameters"])
+        mapping(f"{param}.parameters", function["parameters"])
     if function.get("strict") is not None:
         boolean(f"{param}.strict", function["strict"])
 
@@ -300,7 +269,7 @@ def check_tools(param: str, value: Any, req: Request) -> None:
         )
     for i, tool in enumerate(tools):
         where = f"{param}[{i}]"
-        obj(where, tool)
+        mapping(where, tool)
         if tool.get("type") != "function":
             raise invalid_value(f"{where}.type", "'function'", tool.get("type"))
         check_function(f"{where}.function", tool.get("function"))
@@ -331,7 +300,7 @@ def check_tool_choice(param: str, value: Any, req: Request) -> None:
         raise invalid_type(param, expected, value)
     if value.get("type") != "function":
         raise invalid_value(f"{param}.type", "'function'", value.get("type"))
-    function = obj(f"{param}.function", value.get("function"))
+    function = mapping(f"{param}.function", value.get("function"))
     name = function.get("name")
     string(f"{param}.function.name", name)
     if name not in declared_tools(req.body):
@@ -350,7 +319,7 @@ def check_function_call(param: str, value: Any, req: Request) -> None:
         if value not in ("none", "auto"):
             raise invalid_value(param, "'none', 'auto' or {\"name\": ...}", value)
         return
-    string(f"{param}.name", obj(param, value).get("name"))
+    string(f"{param}.name", mapping(param, value).get("name"))
 
 
 # --- the other parameters -----------------------------------------------------------
@@ -368,7 +337,7 @@ def check_stop(param: str, value: Any, req: Request) -> None:
 
 
 def check_stream_options(param: str, value: Any, req: Request) -> None:
-    options = obj(param, value)
+    options = mapping(param, value)
     if req.body.get("stream") is not True:
         raise ProxyError(
             400,
@@ -393,21 +362,21 @@ def check_top_logprobs(param: str, value: Any, req: Request) -> None:
 
 
 def check_logit_bias(param: str, value: Any, req: Request) -> None:
-    for key, bias in obj(param, value).items():
+    for key, bias in mapping(param, value).items():
         if not key.isascii() or not key.isdigit():
             raise invalid_value(param, "token ids (strings of digits) as keys", key)
         number(f"{param}.{key}", bias, -100, 100)
 
 
 def check_response_format(param: str, value: Any, req: Request) -> None:
-    fmt = obj(param, value)
+    fmt = mapping(param, value)
     kind = fmt.get("type")
     string(f"{param}.type", kind)
     if kind == "json_schema":
-        schema = obj(f"{param}.json_schema", fmt.get("json_schema"))
+        schema = mapping(f"{param}.json_schema", fmt.get("json_schema"))
         string(f"{param}.json_schema.name", schema.get("name"))
         if schema.get("schema") is not None:
-            obj(f"{param}.json_schema.schema", schema["schema"])
+            mapping(f"{param}.json_schema.schema", schema["schema"])
 
 
 def check_strings(param: str, value: Any, req: Request) -> None:
@@ -482,11 +451,11 @@ RULES: dict[str, Checker] = {
     "functions": check_functions,
     "function_call": check_function_call,
     "store": _simple(boolean, bool),
-    "metadata": _simple(obj, dict),
+    "metadata": _simple(mapping, dict),
     "modalities": check_strings,
-    "audio": _simple(obj, dict),
-    "prediction": _simple(obj, dict),
-    "web_search_options": _simple(obj, dict),
+    "audio": _simple(mapping, dict),
+    "prediction": _simple(mapping, dict),
+    "web_search_options": _simple(mapping, dict),
     "reasoning_effort": _simple(string, str),
     "service_tier": _simple(string, str),
     "verbosity": _simple(string, str),

@@ -32,7 +32,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.config import StoreConfig
 from proxy.ratelimit import StoreError
@@ -43,7 +43,7 @@ from proxy.shared_redis import (
     client_for,
     close_pool,
     open_pool,
-    send,
+    send_scripts,
 )
 
 log = logging.getLogger("chat_proxy.rate_limit")
@@ -302,23 +302,12 @@ class RedisLimiter:
         return raw, found
 
     async def _scripts(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
-        """Scripts in one round trip (one server or a Sentinel-managed master): their
-        answers in order, an error in the place of a script that failed. A script the
-        server does not know yet (started, restarted, flushed) is loaded, and only
-        the calls that failed for it are sent again, this once."""
-        started = time.monotonic()
+        """Scripts in one round trip (one server or a Sentinel-managed master), within
+        CALL_TIMEOUT: their answers in order, an error in the place of a script that
+        failed (`shared_redis.send_scripts`, which loads a script the server lacks)."""
         commands = [("EVALSHA", sc.sha, len(k), *k, *a) for sc, k, a in calls]
-        replies = await send(self.client, commands, CALL_TIMEOUT)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            # within what is left of the call's second
-            async with asyncio.timeout(max(0.0, CALL_TIMEOUT - (time.monotonic() - started))):
-                for i in missing:
-                    await self.client.script_load(calls[i][0].script)
-                again = await send(self.client, [commands[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        return replies
+        texts = {sc.sha: sc.script for sc, _, _ in calls}
+        return await send_scripts(self.client, commands, texts, CALL_TIMEOUT)
 
     async def _one(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """One script's answer; its error raised."""

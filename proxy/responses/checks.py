@@ -1,4 +1,5 @@
-"""The small checks of a Responses request's values, each a 400 naming its parameter."""
+"""The checks of a Responses request's values of its own, each a 400 naming its parameter
+(those every API shares are in proxy/checks.py)."""
 
 from __future__ import annotations
 
@@ -11,45 +12,8 @@ from proxy.errors import ProxyError, invalid_type, invalid_value
 # --- -------------------------------------------------------------------
 
 
-def missing(param: str, why: str = "") -> ProxyError:
-    return ProxyError(
-        400,
-        f"Missing required parameter: '{param}'." + (f" {why}" if why else ""),
-        param=param,
-        code="missing_required_parameter",
-    )
-
-
 def unsupported(param: str, message: str, code: str = "unsupported_parameter") -> ProxyError:
     return ProxyError(400, message, param=param, code=code)
-
-
-def string(param: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise invalid_type(param, "a string", value)
-    return value
-
-
-def opt_string(param: str, value: Any) -> str | None:
-    return None if value is None else string(param, value)
-
-
-def boolean(param: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise invalid_type(param, "a boolean", value)
-    return value
-
-
-def mapping(param: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise invalid_type(param, "an object", value)
-    return value
-
-
-def array(param: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise invalid_type(param, "an array", value)
-    return value
 
 
 def number(param: str, value: Any, lo: float, hi: float) -> float | None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.checks import array, mapping, missing, string
 from proxy.errors import invalid_type, invalid_value
-from proxy.responses.checks import array, mapping, missing, new_id, string, unsupported
+from proxy.responses.checks import new_id, unsupported
 
 # Input item types produced by OpenAI's built-in tools.
 HOSTED_ITEMS = {

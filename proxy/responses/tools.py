@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.checks import array, boolean, mapping, missing, opt_string, string
 from proxy.errors import ProxyError, invalid_value
-from proxy.responses.checks import array, boolean, mapping, missing, opt_string, string, unsupported
+from proxy.responses.checks import unsupported
 
 # Why a tool type other than function cannot be served by a chat backend.
 HOSTED_TOOLS = {

@@ -89,18 +89,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from proxy.checks import array, boolean, mapping, missing, opt_string, string
 from proxy.errors import ProxyError, invalid_type, invalid_value
-from proxy.responses.checks import (
-    array,
-    boolean,
-    integer,
-    mapping,
-    missing,
-    number,
-    opt_string,
-    string,
-    unsupported,
-)
+from proxy.responses.checks import integer, number, unsupported
 from proxy.responses.items import translate_input
 from proxy.responses.tools import translate_text, translate_tool_choice, translate_tools
 

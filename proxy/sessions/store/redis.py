@@ -68,7 +68,7 @@ from proxy.sessions.store.base import (
     UnknownCursor,
     session_from_row,
 )
-from proxy.shared_redis import SharedRedis, client_for, close_pool, send
+from proxy.shared_redis import SharedRedis, client_for, close_pool, send_scripts
 
 _FIND = """
 local sid = redis.call('GET', KEYS[1])
@@ -268,6 +268,7 @@ class RedisStore:
         self._delete_response = self._r.register_script(_DELETE_RESPONSE)
         self._raise = self._r.register_script(_RAISE)
         self._unindex = self._r.register_script(_UNINDEX)
+        self._texts = {sc.sha: sc.script for sc in (self._find, self._record, self._raise)}
         # the session middleware's: which lookup a request will make, so that the
         # rate limiter sends it with its check (proxy/sessions/middleware.py)
         self.lookahead: Callable[[Any], tuple[str, str] | None] | None = None
@@ -419,16 +420,9 @@ class RedisStore:
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Commands in one round trip on one server or a Sentinel-managed master
-        (`shared_redis.send`); after NOSCRIPT (a server restarted, flushed or
-        promoted) the scripts are loaded and the commands that failed for it alone
-        are sent again, this once. The first error is raised."""
-        replies = await send(self._r, commands)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._load_scripts()
-            again = await send(self._r, [commands[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
+        (`shared_redis.send_scripts`, which loads a script the server lacks); the
+        first error is raised."""
+        replies = await send_scripts(self._r, commands, self._texts)
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
