@@ -60,6 +60,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.postgres.server import PostgresServer, find_bindir  # noqa: E402
 
+sys.path.insert(0, str(BENCH))
+from bench import Procs  # noqa: E402
+
 PY = REPO / ".venv" / "bin" / "python"
 RESULTS = BENCH / "results"
 STORES = ("sqlite", "redis", "postgres")
@@ -236,7 +239,8 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dir = Path(tempfile.mkdtemp(prefix="chat-proxy-bench-stores-"))
-        self.procs: list[subprocess.Popen[bytes]] = []
+        # a role is the CPUs a process is pinned to, as taskset names them
+        self.procs = Procs(self.dir, {str(c): str(c) for c in range(os.cpu_count() or 1)})
         self.pg: PostgresServer | None = None
         self.redis_pid: int | None = None
         self.nginx_pid: int | None = None
@@ -249,35 +253,15 @@ class Run:
     # -- processes --
 
     def start(self, name: str, argv: list[str], cpus: set[int] | None) -> subprocess.Popen[bytes]:
-        log = (self.dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
-        )
-        log.close()
-        self.procs.append(proc)
-        pin(proc.pid, cpus)
-        return proc
+        """A process of the run (bench/bench.py's Procs), on `cpus` (None: anywhere)."""
+        role = ",".join(map(str, sorted(cpus))) if cpus else "anywhere"
+        return self.procs.start(name, argv, role)
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc in self.procs:
-            self.procs.remove(proc)
+        self.procs.stop(proc)
 
     def cleanup(self) -> None:
-        for proc in reversed(list(self.procs)):
-            with contextlib.suppress(Exception):
-                self.stop(proc)
+        self.procs.stop_all()
         if self.pg is not None:
             self.pg.remove()
         if not self.args.keep:
